@@ -1,0 +1,91 @@
+"""`ether-diffusion` command line: a thin layer over the library. User errors exit 2 with one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import EtherError
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks for errors")
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from .adapter_file import describe, read_adapter_file
+
+    print(describe(read_adapter_file(args.adapter)))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .pipelines import generate, load_ether_weights, load_pipeline, parse_adapter_arg, set_ether_adapters
+
+    out = Path(args.out)
+    pipe = load_pipeline(args.base)
+    names, strengths = [], []
+    for spec in args.adapter or []:
+        path, strength = parse_adapter_arg(spec)
+        names.append(load_ether_weights(pipe, path, adapter_name=f"adapter{len(names)}"))
+        strengths.append(strength)
+    if names:
+        set_ether_adapters(pipe, names, strengths)
+    images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
+                      guidance=args.guidance, num_images=args.num_images)
+    out.mkdir(parents=True, exist_ok=True)
+    from .atomic import atomic_write
+
+    for i, image in enumerate(images):
+        path = out / f"{args.seed}-{i}.png"
+        atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
+        print(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ether-diffusion", description="Personalise diffusion models with ETHER.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="print an adapter file's metadata and parameter count")
+    p.add_argument("adapter")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("generate", help="generate images with the base model and optional adapters")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--out", required=True, help="output folder for PNG files")
+    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the embedded model)")
+    p.add_argument("--adapter", action="append", help="adapter file, optionally FILE:STRENGTH; repeatable")
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--num-images", type=int, default=1)
+    p.set_defaults(func=cmd_generate)
+
+    from .train.cli import add_train_parser
+
+    add_train_parser(sub)
+
+    for action in sub.choices.values():
+        _add_common(action)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args)
+    except EtherError as exc:
+        if args.debug:
+            raise
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

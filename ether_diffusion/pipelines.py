@@ -1,0 +1,193 @@
+"""Load a base pipeline (embedded default, local folder, hub id), attach adapter files, generate images.
+
+The pipeline-level verbs are named after diffusers' LoRA verbs (`load_lora_weights` → `load_ether_weights`,
+`set_adapters` → `set_ether_adapters`, `fuse_lora` → `fuse_ether`, …) and take the pipeline as first argument.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch import nn
+
+from . import inject
+from .adapter_file import AdapterFile, load_adapter, save_adapter
+from .errors import EtherError
+from .toyworld.base_model import EMBEDDED_MODEL_DIR
+
+EMBEDDED_NAME = "embedded"
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+
+
+def describe_base(base: str | None) -> str:
+    """The base as recorded in adapter metadata: 'embedded' or the path / hub id given."""
+    return EMBEDDED_NAME if base in (None, "", EMBEDDED_NAME) else str(base)
+
+
+def _load_from(source: str, dtype: torch.dtype, offline_only: bool):
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
+                                             local_files_only=offline_only)
+
+
+def load_pipeline(base: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A diffusers pipeline from the embedded default (None / 'embedded'), a local folder or a hub id.
+
+    Errors are one sentence (`EtherError`): missing folder, folder that is not a pipeline, unreachable hub.
+    """
+    base = describe_base(base)
+    if base == EMBEDDED_NAME:
+        if not (EMBEDDED_MODEL_DIR / "model_index.json").is_file():
+            raise EtherError(f"the embedded base model is missing from {EMBEDDED_MODEL_DIR}; reinstall ether-diffusion")
+        pipe = _load_from(str(EMBEDDED_MODEL_DIR), dtype, offline_only=True)
+    elif Path(base).exists():
+        if not (Path(base) / "model_index.json").is_file():
+            raise EtherError(f"{base} is not a diffusers pipeline folder (no model_index.json)")
+        try:
+            pipe = _load_from(base, dtype, offline_only=True)
+        except (OSError, ValueError, EnvironmentError) as exc:
+            raise EtherError(f"could not load the pipeline in {base}: {str(exc).splitlines()[0]}") from None
+    else:
+        if base.count("/") != 1 or base.startswith((".", "/")):
+            raise EtherError(f"base model {base!r} is neither an existing folder nor a hub id like 'org/name'")
+        try:
+            pipe = _load_from(base, dtype, offline_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+        except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
+            raise EtherError(f"could not get {base!r} from the Hugging Face hub (offline, unknown id or no access): "
+                             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def pipeline_components(pipe) -> dict[str, nn.Module]:
+    """The adaptable models of a pipeline by component name (unet, text_encoder[, text_encoder_2])."""
+    return {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+
+
+def _registry(pipe) -> dict[str, AdapterFile]:
+    if not hasattr(pipe, "_ether_files"):
+        pipe._ether_files = {}
+    return pipe._ether_files
+
+
+def load_ether_weights(pipe, path: str | Path, adapter_name: str | None = None) -> str:
+    """Validate an adapter file against this pipeline and load it (active at strength 1, after those loaded)."""
+    name, parsed = load_adapter(path, pipeline_components(pipe), adapter_name)
+    _registry(pipe)[name] = parsed
+    current = inject.active_adapters(pipe.unet) if pipe.unet is not None else {}
+    set_ether_adapters(pipe, [*current, name], [*current.values(), 1.0])
+    return name
+
+
+def adapter_file_info(pipe, adapter_name: str) -> AdapterFile:
+    """The parsed file (metadata included) an adapter was loaded from."""
+    try:
+        return _registry(pipe)[adapter_name]
+    except KeyError:
+        raise EtherError(f"no adapter named {adapter_name!r} was loaded from a file") from None
+
+
+def get_list_ether_adapters(pipe) -> dict[str, list[str]]:
+    """Component name → adapter names, like diffusers' `get_list_adapters`."""
+    return {c: inject.list_adapters(m) for c, m in pipeline_components(pipe).items() if inject.list_adapters(m)}
+
+
+def set_ether_adapters(pipe, adapter_names: list[str] | str, adapter_weights: list[float] | float | None = None) -> None:
+    """Activate exactly these adapters, in this order, with these strengths (1 = trained, 0 = off)."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    known = {n for names_ in get_list_ether_adapters(pipe).values() for n in names_}
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise EtherError(f"unknown adapter(s) {missing}; loaded: {sorted(known) or 'none'}")
+    weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights if adapter_weights is not None
+                                                                        else 1.0] * len(names)
+    if len(weights) != len(names):
+        raise EtherError(f"{len(names)} adapters but {len(weights)} weights")
+    for model in pipeline_components(pipe).values():
+        for layer_name, layer in inject.ether_layers(model):
+            layer.set_active(dict(zip(names, weights)))
+
+
+def enable_ether(pipe) -> None:
+    for model in pipeline_components(pipe).values():
+        inject.enable_adapters(model)
+
+
+def disable_ether(pipe) -> None:
+    for model in pipeline_components(pipe).values():
+        inject.disable_adapters(model)
+
+
+def fuse_ether(pipe) -> None:
+    """Fold the active adapters into the weights: same images, base-model speed. `unfuse_ether` restores."""
+    for model in pipeline_components(pipe).values():
+        inject.merge_adapters(model)
+
+
+def unfuse_ether(pipe) -> None:
+    for model in pipeline_components(pipe).values():
+        inject.unmerge_adapters(model)
+
+
+def delete_ether_adapters(pipe, adapter_names: list[str] | str) -> None:
+    for name in [adapter_names] if isinstance(adapter_names, str) else adapter_names:
+        for model in pipeline_components(pipe).values():
+            if name in inject.list_adapters(model):
+                inject.delete_adapter(model, name)
+        _registry(pipe).pop(name, None)
+
+
+def unload_ether_weights(pipe) -> None:
+    """Remove every adapter: the pipeline is the plain base again, original weights restored."""
+    for model in pipeline_components(pipe).values():
+        inject.unload_adapters(model)
+    _registry(pipe).clear()
+
+
+def save_ether_weights(pipe, path: str | Path, adapter_name: str, info: dict | None = None) -> Path:
+    return save_adapter(path, pipeline_components(pipe), adapter_name, info=info)
+
+
+def parse_adapter_arg(arg: str) -> tuple[str, float]:
+    """'FILE[:STRENGTH]' → (file, strength); a Windows drive colon or a colon in a name is left alone."""
+    head, sep, tail = arg.rpartition(":")
+    if sep and head:
+        try:
+            return head, float(tail)
+        except ValueError:
+            pass
+    return arg, 1.0
+
+
+def generate(
+    pipe,
+    prompt: str | list[str],
+    *,
+    negative_prompt: str | None = None,
+    seed: int = 0,
+    steps: int = 25,
+    guidance: float = 7.5,
+    num_images: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+) -> list[Image.Image]:
+    """Images for a prompt with the adapters currently active, reproducible from `seed`."""
+    if steps < 1 or steps > 1000:
+        raise EtherError(f"steps must be between 1 and 1000, got {steps}")
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                num_images_per_prompt=num_images, height=height, width=width, generator=generator).images
+
+
+def image_grid(rows: list[list[Image.Image]]) -> Image.Image:
+    """Paste rows of equally sized images into one picture."""
+    w, h = rows[0][0].size
+    grid = Image.new("RGB", (w * max(len(r) for r in rows), h * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(im, (x * w, y * h))
+    return grid

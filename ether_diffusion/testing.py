@@ -1,0 +1,85 @@
+"""Tiny Stable Diffusion pipelines with random weights, built from configs (tests and quick benchmarks).
+
+SD-1.x-like and SDXL-like, sharing the toy world's word-level tokenizer so that nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+
+from .toyworld.tokenizer import build_vocab_and_merges, write_tokenizer
+
+CROSS_DIM = 32
+
+
+def _tokenizer():
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(tmp)
+        return CLIPTokenizer.from_pretrained(tmp)
+
+
+def _text_config(**overrides):
+    from transformers import CLIPTextConfig
+
+    vocab, _ = build_vocab_and_merges()
+    cfg = dict(vocab_size=len(vocab), hidden_size=CROSS_DIM, intermediate_size=37, num_hidden_layers=2,
+               num_attention_heads=4, max_position_embeddings=32, bos_token_id=vocab["<|startoftext|>"],
+               eos_token_id=vocab["<|endoftext|>"], pad_token_id=vocab["<|endoftext|>"], projection_dim=CROSS_DIM)
+    cfg.update(overrides)
+    return CLIPTextConfig(**cfg)
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(block_out_channels=(16, 16, 16), norm_num_groups=8, latent_channels=4, sample_size=32,
+                         down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3)
+
+
+def _scheduler(prediction_type: str):
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, prediction_type=prediction_type, steps_offset=1)
+
+
+def tiny_sd_pipeline(prediction_type: str = "epsilon", seed: int = 0):
+    """An SD-1.x-shaped pipeline (32 px images, 8×8 latents) with random weights."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=CROSS_DIM, attention_head_dim=4, norm_num_groups=32,
+    )
+    return StableDiffusionPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=_tokenizer(), unet=unet,
+        scheduler=_scheduler(prediction_type), safety_checker=None, feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def tiny_sdxl_pipeline(seed: int = 0):
+    """An SDXL-shaped pipeline: two text encoders, pooled embeddings, size/crop time ids."""
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), attention_head_dim=(2, 4), use_linear_projection=True,
+        addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=80,
+        cross_attention_dim=64, norm_num_groups=32,
+    )
+    return StableDiffusionXLPipeline(
+        vae=_vae(), text_encoder=CLIPTextModel(_text_config()), tokenizer=_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=_tokenizer(), unet=unet,
+        scheduler=_scheduler("epsilon"),
+    )

@@ -1,0 +1,182 @@
+"""The layer against dense fp64 matrices written straight from the paper's formulas."""
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from ether_diffusion import AdapterConfig, add_adapter, merge_adapters, set_adapters, unmerge_adapters
+from ether_diffusion.layers import EtherLayer
+
+IN, OUT = 96, 40
+
+
+def reference_block_matrix(vec: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """Unit vectors of the n contiguous chunks, each normalised on its own (the paper's block-diagonal)."""
+    chunks = vec.double().chunk(n)
+    return [c / c.norm() for c in chunks]
+
+
+def reference_H(u: torch.Tensor, v: torch.Tensor | None, n: int, method: str, s: float = 1.0) -> torch.Tensor:
+    blocks = []
+    for i, uh in enumerate(reference_block_matrix(u, n)):
+        k = uh.numel()
+        if method == "ether":
+            H = torch.eye(k, dtype=torch.float64) - 2 * torch.outer(uh, uh)
+        else:
+            vh = reference_block_matrix(v, n)[i]
+            H = torch.eye(k, dtype=torch.float64) - torch.outer(uh, uh) + torch.outer(vh, vh)
+        blocks.append(torch.eye(k, dtype=torch.float64) + s * (H - torch.eye(k, dtype=torch.float64)))
+    return torch.block_diag(*blocks)
+
+
+def make_layer(method, sides, n, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(IN, OUT, bias=bias)
+    model = nn.Sequential()
+    model.add_module("proj", lin)
+    add_adapter(model, "a", AdapterConfig(method=method, n_blocks=n, sides=sides, targets="proj"))
+    layer = model.proj
+    with torch.no_grad():  # move away from the identity init of ETHER+
+        for p in layer.ether_adapters["a"].vectors.values():
+            p.copy_(torch.randn_like(p))
+    return model, layer, lin
+
+
+def reference_output(layer: EtherLayer, x: torch.Tensor, s: float = 1.0) -> torch.Tensor:
+    adapter = layer.ether_adapters["a"]
+    cfg, vec = adapter.config, adapter.vectors
+    W = layer.base.weight.double().reshape(layer.base.weight.shape[0], -1)
+    if "input" in cfg.side_list:
+        W = W @ reference_H(vec["u_input"], vec["v_input"] if "v_input" in vec else None, cfg.n_blocks, cfg.method, s)
+    if "output" in cfg.side_list:
+        W = reference_H(vec["u_output"], vec["v_output"] if "v_output" in vec else None, cfg.n_blocks, cfg.method, s) @ W
+    y = x.double() @ W.T
+    return y + layer.base.bias.double() if layer.base.bias is not None else y
+
+
+CASES = list(itertools.product(["ether", "etherplus"], ["input", "output", "both"], [1, 4, 8], [True, False]))
+
+
+@pytest.mark.parametrize("method,sides,n,bias", CASES)
+def test_forward_matches_dense_reference(method, sides, n, bias):
+    model, layer, _ = make_layer(method, sides, n, bias)
+    x = torch.randn(3, 5, IN)
+    torch.testing.assert_close(model(x).double(), reference_output(layer, x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method,sides,n", [("ether", "both", 4), ("etherplus", "both", 8)])
+@pytest.mark.parametrize("strength", [0.0, 0.5, 2.0])
+def test_strength_scales_H_minus_I(method, sides, n, strength):
+    model, layer, _ = make_layer(method, sides, n)
+    set_adapters(model, "a", strength)
+    x = torch.randn(7, IN)
+    torch.testing.assert_close(model(x).double(), reference_output(layer, x, strength), atol=1e-5, rtol=1e-5)
+    if strength == 0.0:
+        torch.testing.assert_close(model(x), layer.base(x))
+
+
+@pytest.mark.parametrize("n", [1, 4, 8])
+def test_ether_is_a_reflection(n):
+    u = torch.randn(IN)
+    H = reference_H(u, None, n, "ether")
+    torch.testing.assert_close(H @ H.T, torch.eye(IN, dtype=torch.float64))
+    assert torch.linalg.det(H).item() == pytest.approx((-1) ** n)  # one reflection per block
+    assert torch.linalg.matrix_norm(H - torch.eye(IN, dtype=torch.float64)).item() == pytest.approx(2 * n**0.5)
+    # and the layer's transform equals it
+    from ether_diffusion.ether import METHOD_SPECS, dense_transform, unit_blocks
+
+    torch.testing.assert_close(dense_transform(unit_blocks(u.double(), n), None, METHOD_SPECS["ether"]), H)
+
+
+def test_etherplus_starts_at_identity_and_ether_does_not():
+    torch.manual_seed(0)
+    x = torch.randn(4, IN)
+    for method, expect_identity in (("etherplus", True), ("ether", False)):
+        lin = nn.Linear(IN, OUT)
+        model = nn.Sequential()
+        model.add_module("proj", lin)
+        reference = lin(x)
+        add_adapter(model, "a", AdapterConfig(method=method, targets="proj"))
+        same = torch.allclose(model(x), reference, atol=1e-6)
+        assert same == expect_identity
+
+
+@pytest.mark.parametrize("method,sides,n", [("ether", "input", 4), ("etherplus", "both", 8), ("ether", "output", 1)])
+def test_merge_equals_unmerged_and_unmerge_restores(method, sides, n):
+    model, layer, lin = make_layer(method, sides, n)
+    original = lin.weight.detach().clone()
+    x = torch.randn(6, IN)
+    expected = model(x)
+    merge_adapters(model)
+    assert not torch.equal(lin.weight, original)
+    torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+    unmerge_adapters(model)
+    assert torch.equal(lin.weight, original)
+
+
+def test_conv1x1_matches_linear():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(IN, OUT, 1)
+    model = nn.Sequential()
+    model.add_module("proj_in", conv)
+    add_adapter(model, "a", AdapterConfig(method="etherplus", n_blocks=4, targets="proj_in"))
+    layer = model.proj_in
+    with torch.no_grad():
+        for p in layer.ether_adapters["a"].vectors.values():
+            p.copy_(torch.randn_like(p))
+    x = torch.randn(2, IN, 3, 5)
+    tokens = x.permute(0, 2, 3, 1).reshape(-1, IN)
+    ref = reference_output(layer, tokens).reshape(2, 3, 5, OUT).permute(0, 3, 1, 2)
+    torch.testing.assert_close(model(x).double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_only_adapter_vectors_and_training_reduces_loss():
+    torch.manual_seed(0)
+    teacher = nn.Linear(IN, OUT)
+    target_H = reference_H(torch.randn(IN), None, 1, "ether").float()
+    x = torch.randn(256, IN)
+    with torch.no_grad():
+        y = teacher(x @ target_H.T)
+    model = nn.Sequential()
+    model.add_module("proj", teacher)
+    add_adapter(model, "a", AdapterConfig(method="ether", targets="proj"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable == ["proj.ether_adapters.a.vectors.u_input"]
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    losses = []
+    for _ in range(150):
+        loss = (model(x) - y).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert teacher.weight.grad is None
+    assert losses[-1] < 0.1 * losses[0]
+
+
+def test_half_precision_base_keeps_fp32_vectors():
+    model, layer, _ = make_layer("etherplus", "both", 4)
+    model.to(torch.bfloat16)
+    assert layer.base.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in layer.ether_adapters["a"].parameters())
+    x = torch.randn(3, IN)
+    y = model(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), reference_output(layer, x.bfloat16().double()), atol=0.15, rtol=0.05)
+
+
+def test_forward_never_builds_a_dense_matrix(monkeypatch):
+    """O(in) per token: the hot path must not call eye/outer/matmul on (in × in) matrices."""
+    model, _, _ = make_layer("etherplus", "both", 1)
+    seen = []
+    real_linear = torch.nn.functional.linear
+
+    def spy(x, w, b=None):
+        seen.append(tuple(w.shape))
+        return real_linear(x, w, b)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", spy)
+    model(torch.randn(2, IN)).sum().backward()
+    assert seen == [(OUT, IN)]
