@@ -1,0 +1,102 @@
+"""Instance / class image folders: reading, validation, caption sidecars and the training transform."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import EtherError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+
+
+@dataclass
+class Example:
+    """One training picture (already RGB) with its caption."""
+
+    path: Path
+    image: Image.Image
+    caption: str
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """RGB whatever the mode: EXIF orientation applied, alpha composited on white, 16-bit and CMYK converted."""
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits, not clip
+        arr = np.asarray(image, dtype=np.float64)
+        peak = 65535.0 if arr.max() > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / peak * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA"):
+        background = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(background, image.convert("RGBA"))
+    return image.convert("RGB")
+
+
+def read_image(path: Path) -> Image.Image | None:
+    """The picture as RGB, or None (with a warning naming the file) when it cannot be read."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return to_rgb(im)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        warnings.warn(f"skipping {path}: not a readable image ({exc})", stacklevel=2)
+        return None
+
+
+def load_folder(folder: str | Path, default_caption: str, what: str = "instance") -> list[Example]:
+    """Every readable image in a folder (sorted), with `name.txt` sidecar captions where present.
+
+    Unreadable and non-image files are skipped with a warning each; no usable image is an error.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EtherError(f"{what} folder not found: {folder}")
+    examples = []
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() == ".txt" or path.name.startswith(".") or path.is_dir():
+            continue
+        if path.suffix.lower() not in IMAGE_SUFFIXES:
+            warnings.warn(f"skipping {path}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))})",
+                          stacklevel=2)
+            continue
+        image = read_image(path)
+        if image is None:
+            continue
+        sidecar = path.with_suffix(".txt")
+        caption = sidecar.read_text().strip() if sidecar.is_file() else default_caption
+        examples.append(Example(path, image, caption or default_caption))
+    if not examples:
+        raise EtherError(f"no usable images in {what} folder {folder} (jpg, png or webp)")
+    return examples
+
+
+def check_resolution(resolution: int, multiple: int = 8) -> None:
+    if resolution <= 0 or resolution % multiple:
+        raise EtherError(f"resolution must be a positive multiple of {multiple}, got {resolution}")
+
+
+def prepare(image: Image.Image, resolution: int, *, center_crop: bool, flip: bool,
+            generator: torch.Generator) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square (centre or random), optionally flip: (3, R, R) in [-1, 1]."""
+    w, h = image.size
+    scale = resolution / min(w, h)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
+                         Image.Resampling.BICUBIC)
+    w, h = image.size
+    if center_crop:
+        left, top = (w - resolution) // 2, (h - resolution) // 2
+    else:
+        left = int(torch.randint(0, w - resolution + 1, (1,), generator=generator))
+        top = int(torch.randint(0, h - resolution + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    if flip and bool(torch.rand(1, generator=generator) < 0.5):
+        image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()

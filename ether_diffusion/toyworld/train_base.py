@@ -1,0 +1,209 @@
+"""Train the embedded base model from scratch on rendered toy-world scenes (CPU, about 80 minutes).
+
+    python -m ether_diffusion.toyworld.train_base --out runs/base --vae-steps 2500 --unet-steps 3600
+
+Stages: (1) the VAE on random 32×32 crops (fully convolutional, so crops are 4× cheaper and transfer to 64×64);
+(2) encode a fixed pool of scenes once (latent caching); (3) UNet + text encoder jointly, with EMA weights.
+Every step draws from generators seeded by (seed, step), so a run interrupted and started again with the same
+arguments continues from its checkpoints (`OUT/vae-checkpoint.pt`, `OUT/checkpoint.pt`) to the same result.
+The result is a StableDiffusionPipeline folder in fp16 at `OUT/pipeline`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import json
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..atomic import atomic_write, atomic_write_text
+from . import world
+from .base_model import scheduler_config, text_encoder_config, unet_config, vae_config
+from .tokenizer import write_tokenizer
+
+CFG_DROPOUT = 0.1
+
+
+def to_tensor(images: list) -> torch.Tensor:
+    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def render_pool(n: int, seed: int, patterned_fraction: float = 0.0) -> tuple[list[world.Scene], torch.Tensor]:
+    rng = random.Random(seed)
+    scenes = [
+        world.random_patterned_scene(rng) if rng.random() < patterned_fraction else world.random_scene(rng)
+        for _ in range(n)
+    ]
+    return scenes, to_tensor([world.render(s) for s in tqdm(scenes, desc="render", leave=False)])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, seed: int, log, ckpt_path: Path) -> None:
+    """Reconstruction + tiny KL on random 32×32 crops, cosine-decayed LR; resumable from `ckpt_path`."""
+    peak_lr = 2e-3
+    opt = torch.optim.AdamW(vae.parameters(), lr=peak_lr, weight_decay=0.0)
+    start = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=True)
+        vae.load_state_dict(ck["vae"])
+        opt.load_state_dict(ck["opt"])
+        start = int(ck["step"])
+    bar = tqdm(desc="vae", total=steps, initial=start, unit="step")
+    for step in range(start, steps):
+        g = torch.Generator().manual_seed(seed * 100_003 + step)
+        for group in opt.param_groups:  # cosine decay: sharper reconstructions at the end
+            group["lr"] = 0.05 * peak_lr + 0.95 * peak_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
+        idx = torch.randint(0, len(images), (32,), generator=g)
+        oy, ox = (int(v) for v in torch.randint(0, 33, (2,), generator=g))
+        x = images[idx, :, oy : oy + 32, ox : ox + 32]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g)).sample
+        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if (step + 1) % 100 == 0:
+            log({"stage": "vae", "step": step + 1, "loss": loss.item()})
+        if (step + 1) % 250 == 0:
+            save_checkpoint(ckpt_path, {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    bar.close()
+
+
+@torch.no_grad()
+def encode_pool(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for chunk in tqdm(images.split(128), desc="encode", leave=False):
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--vae-steps", type=int, default=2500)
+    ap.add_argument("--unet-steps", type=int, default=3600)
+    ap.add_argument("--pool", type=int, default=20000, help="number of rendered training scenes")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    log_path = out / "training-log.jsonl"
+
+    def log(row: dict) -> None:
+        with open(log_path, "a") as fh:
+            fh.write(json.dumps({"time": round(time.time(), 1), **row}) + "\n")
+
+    tok_dir = out / "tokenizer"
+    write_tokenizer(tok_dir)
+    tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
+
+    vae_path = out / "vae.pt"
+    vae = AutoencoderKL(**vae_config())
+    if vae_path.exists():
+        vae.load_state_dict(torch.load(vae_path, weights_only=True))
+    else:
+        _, vae_images = render_pool(8000, args.seed + 1, patterned_fraction=0.3)
+        train_vae(vae, vae_images, args.vae_steps, args.seed, log, out / "vae-checkpoint.pt")
+        save_checkpoint(vae_path, vae.state_dict())
+    vae.eval().requires_grad_(False)
+
+    scenes, images = render_pool(args.pool, args.seed)
+    means, stds = encode_pool(vae, images)
+    scaling = float(1.0 / means.std())
+    recon = vae.decode(means[:256]).sample
+    vae_mse = float(F.mse_loss(recon, images[:256]))
+    log({"stage": "latents", "scaling_factor": scaling, "vae_recon_mse": vae_mse})
+    vae.register_to_config(scaling_factor=scaling)
+
+    unet = UNet2DConditionModel(**unet_config())
+    text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
+    ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
+    noise_scheduler = DDPMScheduler(**scheduler_config(), clip_sample=False)
+
+    ckpt_path = out / "checkpoint.pt"
+    start = 0
+    if ckpt_path.exists():
+        ck = torch.load(ckpt_path, weights_only=True)
+        for module, key in ((unet, "unet"), (text_encoder, "text_encoder"), (ema_unet, "ema_unet"),
+                            (ema_text, "ema_text"), (opt, "opt")):
+            module.load_state_dict(ck[key])
+        start = int(ck["step"])
+        print(f"resuming at step {start}")
+
+    t0 = time.time()
+    bar = tqdm(desc="unet+text", total=args.unet_steps, initial=start, unit="step")
+    for step in range(start, args.unet_steps):
+        g = torch.Generator().manual_seed(args.seed * 100_003 + step)  # per-step seeds: exact resume
+        rng = random.Random(args.seed * 100_003 + step)
+        idx = torch.randint(0, len(scenes), (args.batch_size,), generator=g)
+        caps = ["" if rng.random() < CFG_DROPOUT else world.base_caption_for_training(rng, scenes[i]) for i in idx]
+        ids = tokenizer(caps, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids
+        latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling
+        noise = torch.randn(latents.shape, generator=g)
+        t = torch.randint(0, 1000, (args.batch_size,), generator=g)
+        noisy = noise_scheduler.add_noise(latents, noise, t)
+        for group in opt.param_groups:
+            group["lr"] = args.lr * min(1.0, (step + 1) / 200)  # warm-up
+        pred = unet(noisy, t, text_encoder(ids)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(0.999, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
+                for pe, pl in zip(ema.parameters(), live.parameters()):
+                    pe.lerp_(pl, 1 - decay)
+        done = step + 1
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if done % 50 == 0:
+            log({"stage": "unet", "step": done, "loss": loss.item(), "seconds": round(time.time() - t0, 1)})
+        if done % 250 == 0:
+            save_checkpoint(ckpt_path, dict(unet=unet.state_dict(), text_encoder=text_encoder.state_dict(),
+                                            ema_unet=ema_unet.state_dict(), ema_text=ema_text.state_dict(),
+                                            opt=opt.state_dict(), step=done))
+    bar.close()
+    log({"stage": "done", "steps": args.unet_steps})
+
+    pipe = StableDiffusionPipeline(
+        vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
+        scheduler=DPMSolverMultistepScheduler(**scheduler_config()),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+    pipe.to(torch.float16).save_pretrained(out / "pipeline")
+    atomic_write_text(out / "pipeline" / "TRAINING.json", json.dumps(
+        {"command": "python -m ether_diffusion.toyworld.train_base " + " ".join(argv or []), "args": {
+            k: str(v) for k, v in vars(args).items()}, "steps": args.unet_steps, "vae_recon_mse": vae_mse}, indent=2))
+    print(f"saved {out / 'pipeline'}")
+
+
+if __name__ == "__main__":
+    main()

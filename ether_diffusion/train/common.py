@@ -1,0 +1,163 @@
+"""Pieces every training loop shares: seeded per-step randomness, the diffusion loss, optimiser and schedule,
+checkpoints with exact resume, text conditioning for SD 1.x / 2.x / SDXL.
+
+Randomness is drawn from generators seeded by (seed, step, rank), not from a global stream, so a run resumed
+at step k draws exactly what the uninterrupted run drew: resume equivalence needs only the adapter vectors,
+the optimiser state and the step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..atomic import atomic_write, atomic_write_text
+from ..errors import EtherError
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+    """A CPU generator for one (step, rank, stream): the same numbers whenever that step is run."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank * 31 + stream)
+
+
+def noisy_latents_and_target(scheduler, latents: torch.Tensor, g: torch.Generator, noise_offset: float = 0.0):
+    """Sample noise and timesteps; return (noisy latents, timesteps, training target) for the scheduler's
+    prediction type (epsilon or v_prediction)."""
+    noise = torch.randn(latents.shape, generator=g, dtype=torch.float32).to(latents)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g).to(latents)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(latents.device)
+    noisy = scheduler.add_noise(latents, noise, t)
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        target = noise
+    elif kind == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, t)
+    else:
+        raise EtherError(f"prediction type {kind!r} is not supported for training (epsilon or v_prediction)")
+    return noisy, t, target
+
+
+def min_snr_weights(scheduler, t: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), for epsilon and v-prediction targets."""
+    alphas = scheduler.alphas_cumprod.to(t.device)[t]
+    snr = alphas / (1 - alphas)
+    weight = torch.clamp(snr, max=gamma) / snr
+    if scheduler.config.prediction_type == "v_prediction":
+        weight = torch.clamp(snr, max=gamma) / (snr + 1)
+    return weight
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample MSE, optionally weighted: shape (batch,)."""
+    loss = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=tuple(range(1, pred.dim())))
+    return loss * weights if weights is not None else loss
+
+
+def make_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
+    kwargs = dict(betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.adam_weight_decay, eps=cfg.adam_epsilon)
+    if cfg.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise EtherError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from None
+        return bnb.optim.AdamW8bit(param_groups, **kwargs)
+    return torch.optim.AdamW(param_groups, **kwargs)
+
+
+def make_lr_scheduler(optimizer, cfg):
+    from diffusers.optimization import get_scheduler
+
+    try:
+        return get_scheduler(cfg.lr_scheduler, optimizer=optimizer, num_warmup_steps=cfg.lr_warmup_steps,
+                             num_training_steps=cfg.max_steps)
+    except ValueError as exc:
+        raise EtherError(f"lr_scheduler {cfg.lr_scheduler!r}: {exc}") from None
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and (p / "state.json").is_file()]
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+
+
+def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
+    """'latest' → newest complete checkpoint (None when there is none yet); a path → that checkpoint."""
+    if not resume:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise EtherError(f"not a checkpoint folder (no state.json): {path}")
+    return path
+
+
+def save_checkpoint(output_dir: Path, step: int, write_adapter, optimizer, lr_scheduler, extra: dict,
+                    keep: int | None) -> Path:
+    """Write checkpoint-STEP/ completely in a temporary folder, then rename it into place; prune old ones."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
+    tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write_adapter(tmp / "adapter.safetensors")
+    atomic_write(tmp / "optimizer.pt", lambda p: torch.save(
+        {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, p))
+    atomic_write_text(tmp / "state.json", json.dumps({"step": step, **extra}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    if keep is not None:
+        for old in list_checkpoints(output_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_state(path: Path, optimizer, lr_scheduler) -> dict:
+    states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    optimizer.load_state_dict(states["optimizer"])
+    lr_scheduler.load_state_dict(states["lr_scheduler"])
+    return json.loads((path / "state.json").read_text())
+
+
+# -- text conditioning ------------------------------------------------------------------------------------------
+
+
+def is_sdxl(pipe) -> bool:
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def encode_text(pipe, prompts: list[str], device) -> dict:
+    """UNet conditioning for prompts: {'encoder_hidden_states': …[, 'text_embeds': pooled]} (SDXL adds pooled)."""
+    if is_sdxl(pipe):
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
+                                                  do_classifier_free_guidance=False)
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled}
+    embeds, _ = pipe.encode_prompt(prompts, device, 1, False)
+    return {"encoder_hidden_states": embeds}
+
+
+def unet_kwargs(pipe, cond: dict, batch: int, resolution: int, dtype, device) -> dict:
+    """Extra UNet inputs: SDXL's pooled text embeddings and size/crop time ids (original = target, no crop)."""
+    if "text_embeds" not in cond:
+        return {"encoder_hidden_states": cond["encoder_hidden_states"]}
+    time_ids = torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=dtype, device=device)
+    return {"encoder_hidden_states": cond["encoder_hidden_states"],
+            "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": time_ids.repeat(batch, 1)}}
+
+
+def check_finite(loss: torch.Tensor, step: int, output_dir: Path) -> None:
+    if not math.isfinite(loss.item()):
+        found = list_checkpoints(output_dir)
+        where = f"the last good checkpoint is {found[-1]}" if found else "no checkpoint had been written yet"
+        raise EtherError(f"the loss became {loss.item()} at step {step}; stopping ({where}); "
+                         f"try a lower learning rate or mixed_precision='no'")

@@ -1,0 +1,131 @@
+"""Training configuration: one dataclass, filled from defaults, then a TOML/YAML file, then command-line flags."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ..atomic import atomic_write_text
+from ..errors import EtherError
+
+
+@dataclass
+class DreamBoothConfig:
+    """Every setting of a DreamBooth run. Defaults follow the paper (ETHER/ETHER+ LR 6e-3, constant, batch 1)."""
+
+    instance_dir: str = ""
+    instance_prompt: str = ""
+    output_dir: str = ""
+    base: str | None = None
+    method: str = "etherplus"
+    n_blocks: int = 1
+    sides: str | None = None
+    targets: str = "attn"
+    train_text_encoder: bool = False
+    text_encoder_targets: str = "text"
+    text_encoder_lr: float | None = None
+    max_steps: int = 1400
+    learning_rate: float = 6e-3
+    lr_scheduler: str = "constant"
+    lr_warmup_steps: int = 0
+    train_batch_size: int = 1
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_weight_decay: float = 0.0
+    adam_epsilon: float = 1e-8
+    use_8bit_adam: bool = False
+    resolution: int | None = None
+    center_crop: bool = True
+    random_flip: bool = False
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cache_latents: bool = False
+    snr_gamma: float | None = None
+    noise_offset: float = 0.0
+    with_prior_preservation: bool = False
+    class_prompt: str | None = None
+    class_dir: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    sample_batch_size: int = 4
+    class_generation_steps: int = 25
+    validation_prompts: list[str] = field(default_factory=list)
+    validation_steps: int | None = None
+    num_validation_images: int = 2
+    validation_inference_steps: int = 25
+    validation_guidance: float = 7.5
+    checkpointing_steps: int = 500
+    checkpoints_total_limit: int | None = 3
+    resume_from_checkpoint: str | None = None
+
+    def validate(self) -> None:
+        """Refuse bad settings before any model is loaded."""
+        if not self.instance_dir:
+            raise EtherError("--instance-dir is required")
+        if not self.instance_prompt:
+            raise EtherError("--instance-prompt is required (e.g. 'a photo of sks dog')")
+        if not self.output_dir:
+            raise EtherError("--output-dir is required")
+        if self.max_steps < 1:
+            raise EtherError(f"max_steps must be at least 1, got {self.max_steps}")
+        if not self.learning_rate > 0:
+            raise EtherError(f"learning_rate must be positive, got {self.learning_rate}")
+        if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise EtherError("train_batch_size and gradient_accumulation_steps must be at least 1")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise EtherError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.with_prior_preservation and not (self.class_prompt and self.class_dir):
+            raise EtherError("prior preservation needs --class-prompt and --class-dir")
+        if self.cache_latents and not self.center_crop:
+            raise EtherError("--cache-latents needs centre crops (random crops change the latents every step)")
+        if self.checkpointing_steps < 1:
+            raise EtherError(f"checkpointing_steps must be at least 1, got {self.checkpointing_steps}")
+
+
+def read_config_file(path: str | Path) -> dict:
+    """Settings from a TOML, YAML or JSON file (keys as in the dataclass, dashes or underscores)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EtherError(f"config file not found: {path}")
+    text = path.read_text()
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            try:
+                import yaml
+            except ImportError:
+                raise EtherError("YAML config files need PyYAML (pip install pyyaml); or use TOML") from None
+            data = yaml.safe_load(text) or {}
+        elif path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            data = tomllib.loads(text)
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise EtherError(f"cannot parse config file {path}: {exc}") from None
+    if not isinstance(data, dict):
+        raise EtherError(f"config file {path} must hold a table of settings")
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def build_config(cls, file_values: dict, overrides: dict):
+    """Defaults ← file ← flags (flags given as non-None values win). Unknown keys are an error."""
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(file_values) - known)
+    if unknown:
+        raise EtherError(f"unknown setting(s) in config file: {', '.join(unknown)}")
+    values = {**file_values, **{k: v for k, v in overrides.items() if v is not None and k in known}}
+    return cls(**values)
+
+
+def save_resolved(config, path: str | Path) -> None:
+    """The effective settings of a run, beside its outputs, as JSON (usable again with --config)."""
+    atomic_write_text(path, json.dumps(asdict(config), indent=2, sort_keys=True))

@@ -1,0 +1,207 @@
+"""DreamBooth training on tiny pipelines: learning, exact resume, prior preservation, SDXL, v-prediction,
+input errors, the CLI, and a real 2-process DDP run."""
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from ether_diffusion import AdapterConfig, EtherError, add_adapter
+from ether_diffusion.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from ether_diffusion.toyworld import world
+from ether_diffusion.train import DreamBoothConfig, train_dreambooth
+from ether_diffusion.train.common import diffusion_loss, noisy_latents_and_target, step_generator
+
+
+@pytest.fixture
+def instance_dir(tmp_path):
+    folder = tmp_path / "instance"
+    folder.mkdir()
+    rng = random.Random(0)
+    for i in range(3):
+        world.render(world.subject_scene(rng, "striped-circle", "white")).resize((32, 32)).save(folder / f"{i}.png")
+    return folder
+
+
+def config(instance_dir, out, **kw):
+    base = dict(instance_dir=str(instance_dir), instance_prompt="a sks circle", output_dir=str(out), max_steps=4,
+                checkpointing_steps=100, validation_inference_steps=2, class_generation_steps=2)
+    base.update(kw)
+    return DreamBoothConfig(**base)
+
+
+def test_loss_falls_on_a_fixed_batch():
+    pipe = tiny_sd_pipeline()
+    add_adapter(pipe.unet, "a", AdapterConfig(method="etherplus", n_blocks=4))
+    params = [p for p in pipe.unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=6e-3)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    cond = torch.randn(2, 8, 32, generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(50):
+        noisy, t, target = noisy_latents_and_target(pipe.scheduler, latents, step_generator(0, 0))
+        loss = diffusion_loss(pipe.unet(noisy, t, cond).sample, target).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0]
+
+
+def test_resume_ends_with_the_same_adapter(instance_dir, tmp_path):
+    full = tmp_path / "full"
+    kw = dict(max_steps=6, checkpointing_steps=3, method="etherplus", n_blocks=2, train_text_encoder=True)
+    train_dreambooth(config(instance_dir, full, **kw), pipe=tiny_sd_pipeline())
+    assert (full / "checkpoint-3" / "state.json").is_file()
+    # a run killed after step 3: only its checkpoint survives
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(full / "checkpoint-3", interrupted / "checkpoint-3")
+    train_dreambooth(config(instance_dir, interrupted, resume_from_checkpoint="latest", **kw), pipe=tiny_sd_pipeline())
+    a = load_file(full / "ether_adapter.safetensors")
+    b = load_file(interrupted / "ether_adapter.safetensors")
+    assert a.keys() == b.keys() and any(k.startswith("text_encoder.") for k in a)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    summary = json.loads((interrupted / "training_summary.json").read_text())
+    assert summary["resumed_from_step"] == 3
+    # and training moved the vectors away from the initial ones in the checkpoint
+    c = load_file(full / "checkpoint-3" / "adapter.safetensors")
+    assert any(not torch.equal(a[k], c[k]) for k in a)
+
+
+def test_prior_preservation_generates_only_missing_class_images(instance_dir, tmp_path):
+    class_dir = tmp_path / "class"
+    class_dir.mkdir()
+    Image.new("RGB", (32, 32), "white").save(class_dir / "mine.png")
+    cfg = config(instance_dir, tmp_path / "out", with_prior_preservation=True, class_prompt="a circle",
+                 class_dir=str(class_dir), num_class_images=3, sample_batch_size=2)
+    train_dreambooth(cfg, pipe=tiny_sd_pipeline())
+    made = sorted(p.name for p in class_dir.iterdir())
+    assert made == ["class-00000.png", "class-00001.png", "mine.png"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()}
+    train_dreambooth(cfg, pipe=tiny_sd_pipeline())
+    assert {p.name: p.stat().st_mtime_ns for p in class_dir.iterdir()} == stamps
+    meta = json.loads(__import__("safetensors").safe_open(str(tmp_path / "out" / "ether_adapter.safetensors"), "pt")
+                      .metadata()["ether_diffusion"])
+    assert meta["trigger"] == "sks" and meta["training"]["prior_preservation"] is True
+
+
+def test_sdxl_trains_and_saves(instance_dir, tmp_path):
+    out = tmp_path / "xl"
+    path = train_dreambooth(config(instance_dir, out, train_text_encoder=True), pipe=tiny_sdxl_pipeline())
+    keys = load_file(path).keys()
+    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+
+
+def test_v_prediction_base_trains(instance_dir, tmp_path):
+    pipe = tiny_sd_pipeline(prediction_type="v_prediction")
+    path = train_dreambooth(config(instance_dir, tmp_path / "v", snr_gamma=5.0), pipe=pipe)
+    assert path.is_file()
+
+
+def test_bad_inputs(instance_dir, tmp_path):
+    with pytest.raises(EtherError, match="instance folder not found"):
+        train_dreambooth(config(tmp_path / "nope", tmp_path / "o"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.md").write_text("hi")
+    with pytest.warns(UserWarning, match="notes.md: not an image file"), pytest.raises(EtherError, match="no usable"):
+        train_dreambooth(config(empty, tmp_path / "o"))
+    with pytest.raises(EtherError, match="multiple of 8"):
+        train_dreambooth(config(instance_dir, tmp_path / "o", resolution=30))
+    with pytest.raises(EtherError, match=r"not divisible by n_blocks=3"):
+        train_dreambooth(config(instance_dir, tmp_path / "o", n_blocks=3), pipe=tiny_sd_pipeline())
+
+
+def test_corrupt_jpeg_is_skipped_with_a_warning(instance_dir, tmp_path):
+    (instance_dir / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    with pytest.warns(UserWarning, match="broken.jpg: not a readable image"):
+        train_dreambooth(config(instance_dir, tmp_path / "o", max_steps=1), pipe=tiny_sd_pipeline())
+
+
+def _cli(*args, cwd=None):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "ether_diffusion.cli", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def test_cli_trains_resumes_and_writes_everything(instance_dir, tiny_pipe_dir, tmp_path):
+    out = tmp_path / "cli"
+    common = ["train", "dreambooth", "--base", str(tiny_pipe_dir), "--instance-dir", str(instance_dir),
+              "--instance-prompt", "a sks circle", "--output-dir", str(out), "--checkpointing-steps", "2",
+              "--validation-steps", "2", "--validation-inference-steps", "2", "--num-validation-images", "1"]
+    cfg_file = tmp_path / "run.toml"
+    cfg_file.write_text('method = "ether"\nn-blocks = 2\nmax_steps = 99\n')
+    first = _cli(*common, "--config", str(cfg_file), "--max-steps", "2")
+    assert first.returncode == 0, first.stderr
+    second = _cli(*common, "--config", str(cfg_file), "--max-steps", "4", "--resume-from-checkpoint", "latest")
+    assert second.returncode == 0, second.stderr
+    assert "resuming from" in second.stdout
+    for name in ("ether_adapter.safetensors", "README.md", "training_config.json", "validation/step-000004.png"):
+        assert (out / name).is_file(), name
+    resolved = json.loads((out / "training_config.json").read_text())
+    assert resolved["method"] == "ether" and resolved["n_blocks"] == 2 and resolved["max_steps"] == 4
+    info = _cli("info", str(out / "ether_adapter.safetensors"))
+    assert info.returncode == 0 and "method=ether n_blocks=2" in info.stdout and "instance_prompt: a sks circle" in info.stdout
+
+
+def test_cli_user_errors_exit_2_with_one_line(tmp_path):
+    missing = _cli("train", "dreambooth", "--instance-dir", str(tmp_path / "none"), "--instance-prompt", "x",
+                   "--output-dir", str(tmp_path / "o"))
+    assert missing.returncode == 2
+    assert missing.stderr.strip().splitlines()[-1].startswith("error: instance folder not found")
+    assert "Traceback" not in missing.stderr
+    bad = _cli("info", str(tmp_path / "none.safetensors"))
+    assert bad.returncode == 2 and "adapter file not found" in bad.stderr
+    hub = _cli("generate", "--prompt", "x", "--out", str(tmp_path / "g"), "--base", "someone/not-here")
+    assert hub.returncode == 2 and "hub" in hub.stderr and "Traceback" not in hub.stderr
+
+
+DDP_PROBE = """
+import os, sys, torch
+import ether_diffusion.train.dreambooth as db
+from ether_diffusion.inject import adapter_modules
+from ether_diffusion.testing import tiny_sd_pipeline
+from ether_diffusion.train import DreamBoothConfig, train_dreambooth
+
+rank = int(os.environ["RANK"])
+real_save = db.save_adapter
+def recording_save(path, *args, **kw):
+    open(os.path.join(sys.argv[3], f"wrote-by-rank{rank}.txt"), "a").write(str(path) + "\\n")
+    return real_save(path, *args, **kw)
+db.save_adapter = recording_save
+pipe = tiny_sd_pipeline()
+cfg = DreamBoothConfig(instance_dir=sys.argv[1], instance_prompt="a sks circle", output_dir=sys.argv[2],
+                       max_steps=3, checkpointing_steps=2)
+train_dreambooth(cfg, pipe=pipe)
+vec = torch.cat([p.detach().flatten() for a in adapter_modules(pipe.unet, "default").values()
+                 for p in a.vectors.values()])
+torch.save(vec, os.path.join(sys.argv[3], f"rank{rank}.pt"))
+"""
+
+
+def test_two_process_ddp_trains_identical_adapters(instance_dir, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(DDP_PROBE)
+    out, dump = tmp_path / "ddp-out", tmp_path / "dump"
+    dump.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),
+           str(instance_dir), str(out), str(dump)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
+    assert torch.equal(r0, r1)
+    written = (dump / "wrote-by-rank0.txt").read_text().split()
+    assert len(written) == 3 and written[-1].endswith("ether_adapter.safetensors")  # checkpoints 2, 3 and final
+    assert not (dump / "wrote-by-rank1.txt").exists()
+    assert (out / "ether_adapter.safetensors").is_file() and (out / "checkpoint-2").is_dir()
