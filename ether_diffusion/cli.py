@@ -20,17 +20,10 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .pipelines import generate, load_ether_weights, load_pipeline, parse_adapter_arg, set_ether_adapters
+    from .pipelines import generate
 
     out = Path(args.out)
-    pipe = load_pipeline(args.base)
-    names, strengths = [], []
-    for spec in args.adapter or []:
-        path, strength = parse_adapter_arg(spec)
-        names.append(load_ether_weights(pipe, path, adapter_name=f"adapter{len(names)}"))
-        strengths.append(strength)
-    if names:
-        set_ether_adapters(pipe, names, strengths)
+    pipe = _pipeline_with_adapters(args.base, args.adapter or [])
     images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                       guidance=args.guidance, num_images=args.num_images)
     out.mkdir(parents=True, exist_ok=True)
@@ -40,6 +33,36 @@ def cmd_generate(args: argparse.Namespace) -> None:
         path = out / f"{args.seed}-{i}.png"
         atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
         print(path)
+
+
+def _pipeline_with_adapters(base: str | None, specs: list[str], default_strength: float = 1.0):
+    """Load the base and the given 'FILE[:STRENGTH]' adapters, active in the order given."""
+    from .pipelines import load_ether_weights, load_pipeline, parse_adapter_arg, set_ether_adapters
+
+    pipe = load_pipeline(base)
+    names, strengths = [], []
+    for spec in specs:
+        path, strength = parse_adapter_arg(spec, default_strength)
+        names.append(load_ether_weights(pipe, path, adapter_name=f"adapter{len(names)}"))
+        strengths.append(strength)
+    if names:
+        set_ether_adapters(pipe, names, strengths)
+    return pipe
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from .export import export_lora, export_merged
+
+    pipe = _pipeline_with_adapters(args.base, args.adapters, args.strength)
+    source = {"adapters": args.adapters, "base": args.base or "embedded", "strength": args.strength}
+    if args.to == "merged":
+        print(f"merged pipeline written to {export_merged(pipe, args.out, single_file_unet=args.single_file)}")
+        return
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+    info = export_lora(pipe, args.out, style="diffusers" if args.to == "lora" else "kohya", dtype=dtype, source=source)
+    print(f"{args.to} file written to {info['path']} ({info['bytes']:,} bytes, ranks {info['ranks']})")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,9 +85,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1)
     p.set_defaults(func=cmd_generate)
 
+    p = sub.add_parser("export", help="export adapters as a LoRA (diffusers or kohya keys) or a merged pipeline")
+    p.add_argument("adapters", nargs="+", metavar="ADAPTER[:STRENGTH]", help="applied in this order")
+    p.add_argument("--to", choices=["lora", "kohya", "merged"], required=True)
+    p.add_argument("--out", required=True, help="file (lora, kohya, merged --single-file) or folder (merged)")
+    p.add_argument("--base", default=None, help="the base the adapters were trained on (default: embedded)")
+    p.add_argument("--strength", type=float, default=1.0, help="strength for adapters given without :STRENGTH")
+    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16", help="LoRA tensor dtype")
+    p.add_argument("--single-file", action="store_true", help="merged: write only the UNet as one .safetensors")
+    p.set_defaults(func=cmd_export)
+
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
+
+    from .demo import add_demo_parser
+
+    add_demo_parser(sub)
 
     for action in sub.choices.values():
         _add_common(action)

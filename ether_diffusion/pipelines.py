@@ -152,15 +152,15 @@ def save_ether_weights(pipe, path: str | Path, adapter_name: str, info: dict | N
     return save_adapter(path, pipeline_components(pipe), adapter_name, info=info)
 
 
-def parse_adapter_arg(arg: str) -> tuple[str, float]:
-    """'FILE[:STRENGTH]' → (file, strength); a Windows drive colon or a colon in a name is left alone."""
+def parse_adapter_arg(arg: str, default_strength: float = 1.0) -> tuple[str, float]:
+    """'FILE[:STRENGTH]' → (file, strength); a colon not followed by a number belongs to the path."""
     head, sep, tail = arg.rpartition(":")
     if sep and head:
         try:
             return head, float(tail)
         except ValueError:
             pass
-    return arg, 1.0
+    return arg, default_strength
 
 
 def generate(

@@ -1,0 +1,125 @@
+"""Exact export of ETHER adapters as LoRA files (diffusers/PEFT keys, kohya keys) and as merged pipelines.
+
+The update an adapter makes to a weight, ΔW = H_out·W·H_in − W, has low rank: its columns lie in the span of the
+output-side vectors and of W times the input-side vectors (rank ≤ n per ETHER side, 2n per ETHER+ side). So
+ΔW = up · down with no approximation: we build an orthonormal basis Q of that span (fp64 QR), project
+ΔW onto it, and keep the numerically non-zero singular directions of the small projected matrix. The rank
+written per layer is the exact rank of that layer's update; LoRA scale is 1 (alpha = rank).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+
+from . import inject
+from .atomic import atomic_write_bytes
+from .errors import EtherError
+from .ether import unit_blocks
+from .layers import EtherLayer
+from .pipelines import fuse_ether, pipeline_components
+
+RANK_TOLERANCE = 1e-10  # singular values below this fraction of the largest are exact zeros in fp64
+
+
+def _padded_directions(units: torch.Tensor) -> torch.Tensor:
+    """Unit blocks (n, k) → their n directions as zero-padded full vectors: (n·k, n)."""
+    n, k = units.shape
+    full = torch.zeros(n * k, n, dtype=units.dtype)
+    for i in range(n):
+        full[i * k : (i + 1) * k, i] = units[i]
+    return full
+
+
+def lora_factors(layer: EtherLayer, strengths: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(up, down) in fp64 with up @ down == merged − base weight (torch layout); None when the update is zero."""
+    weight = layer.weight_2d().detach().double()
+    delta = layer.merged_weight(strengths, torch.float64) - weight
+    spans = []
+    for name in strengths:
+        adapter = layer.ether_adapters[name]
+        for vec_name, p in adapter.vectors.items():
+            units = _padded_directions(unit_blocks(p.detach().double(), adapter.config.n_blocks))
+            spans.append(weight @ units if vec_name.endswith("input") else units)
+    basis, _ = torch.linalg.qr(torch.cat(spans, dim=1))
+    projected = basis.T @ delta  # (K, in): exact because delta's columns lie in span(basis)
+    u, s, vh = torch.linalg.svd(projected, full_matrices=False)
+    if s.numel() == 0 or s[0] == 0:
+        return None
+    rank = int((s > s[0] * RANK_TOLERANCE).sum())
+    root = s[:rank].sqrt()
+    return (basis @ u[:, :rank]) * root, root[:, None] * vh[:rank]
+
+
+def _all_factors(pipe) -> dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, EtherLayer]]]:
+    """component → layer name → (up, down, layer) for the pipeline's active adapters."""
+    out: dict[str, dict] = {}
+    for comp, model in pipeline_components(pipe).items():
+        for layer_name, layer in inject.ether_layers(model):
+            if not layer.enabled or not layer.active:
+                continue
+            factors = lora_factors(layer, layer.active)
+            if factors is not None:
+                out.setdefault(comp, {})[layer_name] = (*factors, layer)
+    if not out:
+        raise EtherError("the active adapters change no weight (strength 0 or identity); nothing to export")
+    return out
+
+
+def _shaped(up: torch.Tensor, down: torch.Tensor, layer: EtherLayer, dtype: torch.dtype):
+    if layer.is_conv:
+        return up[:, :, None, None].to(dtype).contiguous(), down[:, :, None, None].to(dtype).contiguous()
+    return up.to(dtype).contiguous(), down.to(dtype).contiguous()
+
+
+KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+
+
+def lora_state_dict(pipe, style: str = "diffusers", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """The active adapters of `pipe` as LoRA tensors: 'diffusers' (PEFT keys) or 'kohya' (A1111 / ComfyUI keys)."""
+    factors = _all_factors(pipe)
+    sdxl = "text_encoder_2" in pipeline_components(pipe)
+    tensors: dict[str, torch.Tensor] = {}
+    for comp, layers in factors.items():
+        for layer_name, (up, down, layer) in layers.items():
+            up, down = _shaped(up, down, layer, dtype)
+            if style == "diffusers":
+                tensors[f"{comp}.{layer_name}.lora_A.weight"] = down
+                tensors[f"{comp}.{layer_name}.lora_B.weight"] = up
+            elif style == "kohya":
+                prefix = KOHYA_PREFIX[comp]
+                if sdxl and comp == "text_encoder":
+                    prefix = "lora_te1"
+                key = f"{prefix}_{layer_name.replace('.', '_')}"
+                tensors[f"{key}.lora_down.weight"] = down
+                tensors[f"{key}.lora_up.weight"] = up
+                tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)  # alpha = rank: scale 1
+            else:
+                raise EtherError(f"unknown LoRA style {style!r}; use diffusers or kohya")
+    return tensors
+
+
+def export_lora(pipe, out: str | Path, style: str = "diffusers", dtype: torch.dtype = torch.float32,
+                source: dict | None = None) -> dict:
+    """Write the active adapters as a LoRA file; return {'path', 'ranks', 'bytes'}."""
+    tensors = lora_state_dict(pipe, style, dtype)
+    ranks = sorted({int(v.shape[0]) for k, v in tensors.items() if k.endswith(("lora_A.weight", "lora_down.weight"))})
+    meta = {"format": "pt", "exported_from": "ether-diffusion", "ether_source": json.dumps(source or {})}
+    path = atomic_write_bytes(out, save(tensors, metadata=meta))
+    return {"path": path, "ranks": ranks, "bytes": path.stat().st_size}
+
+
+def export_merged(pipe, out: str | Path, single_file_unet: bool = False) -> Path:
+    """Save the whole pipeline with the active adapters fused, as plain diffusers (no trace of this package)."""
+    fuse_ether(pipe)
+    for model in pipeline_components(pipe).values():
+        inject.fuse_and_unload(model)
+    out = Path(out)
+    if single_file_unet:
+        tensors = {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
+        return atomic_write_bytes(out, save(tensors, metadata={"format": "pt"}))
+    pipe.save_pretrained(out)
+    return out
