@@ -123,8 +123,8 @@ def _require(model: nn.Module, names: list[str]) -> None:
         raise EtherError(f"unknown adapter(s) {missing}; loaded: {known or 'none'}")
 
 
-def set_adapters(model: nn.Module, names: list[str] | str, weights: list[float] | float | None = None) -> None:
-    """Make exactly these adapters active, applied in this order, with these strengths (default 1.0)."""
+def strengths_for(names: list[str] | str, weights: list[float] | float | None = None) -> dict[str, float]:
+    """{name: strength} from diffusers-style arguments: one name or a list, one weight, a list, or None (1.0)."""
     names = [names] if isinstance(names, str) else list(names)
     if weights is None:
         weights = [1.0] * len(names)
@@ -132,9 +132,20 @@ def set_adapters(model: nn.Module, names: list[str] | str, weights: list[float] 
         weights = [float(weights)] * len(names)
     if len(weights) != len(names):
         raise EtherError(f"{len(names)} adapters but {len(weights)} weights")
-    _require(model, names)
+    return dict(zip(names, (float(w) for w in weights)))
+
+
+def set_adapters(model: nn.Module, names: list[str] | str, weights: list[float] | float | None = None,
+                 strict: bool = True) -> None:
+    """Make exactly these adapters active, applied in this order, with these strengths (default 1.0).
+
+    `strict=False` lets a name be absent from this model (a pipeline adapter may have no text-encoder part).
+    """
+    strengths = strengths_for(names, weights)
+    if strict:
+        _require(model, list(strengths))
     for _, layer in ether_layers(model):
-        layer.set_active(dict(zip(names, weights)))
+        layer.set_active(strengths)
 
 
 def active_adapters(model: nn.Module) -> dict[str, float]:

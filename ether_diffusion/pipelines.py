@@ -98,18 +98,13 @@ def get_list_ether_adapters(pipe) -> dict[str, list[str]]:
 
 def set_ether_adapters(pipe, adapter_names: list[str] | str, adapter_weights: list[float] | float | None = None) -> None:
     """Activate exactly these adapters, in this order, with these strengths (1 = trained, 0 = off)."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-    known = {n for names_ in get_list_ether_adapters(pipe).values() for n in names_}
-    missing = [n for n in names if n not in known]
+    strengths = inject.strengths_for(adapter_names, adapter_weights)
+    known = {n for names in get_list_ether_adapters(pipe).values() for n in names}
+    missing = [n for n in strengths if n not in known]
     if missing:
         raise EtherError(f"unknown adapter(s) {missing}; loaded: {sorted(known) or 'none'}")
-    weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights if adapter_weights is not None
-                                                                        else 1.0] * len(names)
-    if len(weights) != len(names):
-        raise EtherError(f"{len(names)} adapters but {len(weights)} weights")
     for model in pipeline_components(pipe).values():
-        for layer_name, layer in inject.ether_layers(model):
-            layer.set_active(dict(zip(names, weights)))
+        inject.set_adapters(model, list(strengths), list(strengths.values()), strict=False)
 
 
 def enable_ether(pipe) -> None:

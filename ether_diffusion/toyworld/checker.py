@@ -21,6 +21,7 @@ from .world import (
     SIZE_THRESHOLD,
     SUBJECTS,
     Scene,
+    erode,
     object_colour_field,
     shape_mask,
 )
@@ -87,19 +88,11 @@ def read(image: Image.Image | np.ndarray) -> Reading:
         ideal = shape_mask(shape, cx, cy, r) >= 0.5
         ious[shape] = float((ideal & mask).sum() / max((ideal | mask).sum(), 1))
     shape = max(ious, key=ious.get)
-    interior = mask & _eroded(mask)
+    interior = mask & erode(mask)
     pixels = rgb[interior] if interior.sum() >= MIN_OBJECT_PIXELS // 2 else rgb[mask]
     colour = _nearest(np.median(pixels, axis=0), OBJECT_COLOURS)
     size = "small" if r < SIZE_THRESHOLD else "large"
     return Reading(background, colour, shape, size, ious[shape], mask)
-
-
-def _eroded(mask: np.ndarray) -> np.ndarray:
-    padded = np.pad(mask, 1, mode="constant")
-    out = mask.copy()
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        out &= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
-    return out
 
 
 def subject_similarity(image: Image.Image | np.ndarray, subject: str) -> float:
@@ -116,7 +109,7 @@ def subject_similarity(image: Image.Image | np.ndarray, subject: str) -> float:
     cx, cy, r = _bbox(reading.mask)
     reference = Scene(spec.shape, spec.colours, reading.background, "large", cx, cy, r, spec.pattern, subject)
     ref_mask = shape_mask(spec.shape, cx, cy, r) >= 0.5
-    region = ref_mask & _eroded(reading.mask)  # anti-aliased rims blend two colours: judge the interior
+    region = ref_mask & erode(reading.mask)  # anti-aliased rims blend two colours: judge the interior
     if region.sum() == 0:
         return 0.0
     names = list(OBJECT_COLOURS)

@@ -226,14 +226,19 @@ def render_segmentation(scene: Scene) -> Image.Image:
     return Image.fromarray(out, "RGB")
 
 
+def erode(mask: np.ndarray, border: str = "constant") -> np.ndarray:
+    """4-neighbour binary erosion; `border` is np.pad's mode for pixels outside the frame."""
+    padded = np.pad(mask, 1, mode=border)
+    out = mask.copy()
+    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
+        out &= padded[dy : dy + mask.shape[0], dx : dx + mask.shape[1]]
+    return out
+
+
 def render_edges(scene: Scene) -> Image.Image:
     """Edge map: white one-pixel outline of the object on black, like a Canny map."""
     inside = shape_mask(scene.shape, scene.cx, scene.cy, scene.radius) >= 0.5
-    padded = np.pad(inside, 1, mode="edge")
-    eroded = inside.copy()
-    for dy, dx in ((0, 1), (2, 1), (1, 0), (1, 2)):
-        eroded &= padded[dy : dy + IMAGE_SIZE, dx : dx + IMAGE_SIZE]
-    edges = inside & ~eroded
+    edges = inside & ~erode(inside, border="edge")
     return Image.fromarray((edges * 255).astype(np.uint8), "L").convert("RGB")
 
 

@@ -1,0 +1,263 @@
+"""ETHER / ETHER+ against PEFT LoRA, OFT, HRA and full attention fine-tuning, side by side on one UNet.
+
+    python benchmarks/adapters.py --quick                     # toy-world UNet, 16×16 latents (minutes on a CPU)
+    python benchmarks/adapters.py --out docs/benchmarks/sd15-cpu.json          # real SD-1.5 UNet config, 32×32
+    python benchmarks/adapters.py --device cuda --dtype bf16 --latent 64 --out docs/benchmarks/sd15-gpu.json
+
+Every method runs in its own subprocess (so peak memory is its own) on the same config, seed and batch. Per
+method: trainable parameters, adapter file size, training step time (forward + backward + AdamW, median after
+warm-up), peak training memory over the model's resident size, inference time unmerged and merged, each inference
+time as a ratio to the same process's plain UNet. ETHER rows also time multi-adapter serving: 8 different
+adapters routed per sample in one batch of 8 vs one adapter on the same batch vs 8 sequential passes.
+PEFT (`pip install peft`) is needed for the LoRA / OFT / HRA rows only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
+METHODS = ["ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1", "full-attn"]
+TARGETS = {
+    "ETHER step ≤ 1.05× LoRA r=4": ("ether-n1", "step_time_ratio_to_lora", 1.05),
+    "ETHER+ step ≤ 1.15× LoRA r=4": ("etherplus-n1", "step_time_ratio_to_lora", 1.15),
+    "ETHER step ≤ 0.5× HRA": ("ether-n1", "step_time_ratio_to_hra", 0.5),
+    "ETHER step ≤ 0.5× OFT": ("ether-n1", "step_time_ratio_to_oft", 0.5),
+    "ETHER+ step ≤ 0.5× HRA": ("etherplus-n1", "step_time_ratio_to_hra", 0.5),
+    "ETHER+ step ≤ 0.5× OFT": ("etherplus-n1", "step_time_ratio_to_oft", 0.5),
+    "ETHER peak memory ≤ LoRA's": ("ether-n1", "peak_memory_ratio_to_lora", 1.0),
+    "ETHER+ peak memory ≤ LoRA's": ("etherplus-n1", "peak_memory_ratio_to_lora", 1.0),
+    "ETHER merged inference within 2% of base": ("ether-n1", "merged_inference_ratio_to_base", 1.02),
+    "ETHER+ merged inference within 2% of base": ("etherplus-n1", "merged_inference_ratio_to_base", 1.02),
+    "8 routed adapters ≤ 1.2× one adapter's batch": ("etherplus-n1", "routed8_ratio_to_single", 1.2),
+}
+
+
+def build_unet(shape: str, device: str, dtype: torch.dtype):
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(0)
+    if shape == "quick":
+        from ether_diffusion.toyworld.base_model import unet_config
+
+        unet, ctx_len = UNet2DConditionModel(**unet_config()), 32
+    else:
+        unet, ctx_len = UNet2DConditionModel(cross_attention_dim=768), 77  # SD-1.5 (diffusers' default is 1280)
+    return unet.to(device, dtype).requires_grad_(False), ctx_len
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as fh:
+        return int(fh.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats: int, warmup: int, device: str) -> float:
+    times = []
+    for i in range(warmup + repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def attach(unet, method: str) -> None:
+    """Put the method's trainable parameters on the attention projections; everything else stays frozen."""
+    from ether_diffusion import AdapterConfig, add_adapter
+
+    if method.startswith("ether"):
+        kind, n = method.split("-n")
+        add_adapter(unet, "a", AdapterConfig(method=kind, n_blocks=int(n), targets="attn"))
+        return
+    if method == "full-attn":
+        for name, module in unet.named_modules():
+            if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
+                module.requires_grad_(True)
+        return
+    from peft import HRAConfig, LoraConfig, OFTConfig, inject_adapter_in_model
+
+    config = {"lora-r4": LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=ATTN),
+              "oft": OFTConfig(target_modules=ATTN), "hra-r1": HRAConfig(r=1, target_modules=ATTN)}[method]
+    inject_adapter_in_model(config, unet)
+    for name, p in unet.named_parameters():
+        p.requires_grad_(any(tag in name for tag in ("lora_", "oft_", "hra_")))
+
+
+def adapter_bytes(unet, method: str) -> int:
+    from safetensors.torch import save
+
+    if method.startswith("ether"):
+        from ether_diffusion.adapter_file import save_adapter
+
+        with tempfile.TemporaryDirectory() as tmp:
+            return save_adapter(Path(tmp) / "a.safetensors", {"unet": unet}, "a", with_weight_hash=False).stat().st_size
+    tensors = {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
+    return len(save(tensors))
+
+
+def merge(unet, method: str) -> None:
+    if method.startswith("ether"):
+        from ether_diffusion import merge_adapters
+
+        merge_adapters(unet)
+    elif method != "full-attn":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.merge()
+
+
+def worker(args) -> dict:
+    device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    unet, ctx_len = build_unet(args.shape, device, dtype)
+    g = torch.Generator().manual_seed(1)
+    lat = args.latent
+    x = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
+    t = torch.tensor([500], device=device)
+    ctx = torch.randn(1, ctx_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    forward = lambda: unet(x, t, ctx).sample  # noqa: E731
+    with torch.no_grad():
+        base_inference = timed(forward, args.repeats, 2, device)
+    attach(unet, args.method)
+    params = [p for p in unet.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def step():
+        loss = forward().float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+    else:
+        before = rss_mb()
+    step_time = timed(step, args.repeats, 2, device)
+    peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if device == "cuda" else peak_rss_mb() - before
+    row = {"method": args.method, "trainable_params": sum(p.numel() for p in params),
+           "adapter_file_bytes": adapter_bytes(unet, args.method), "step_time_s": step_time,
+           "peak_memory_mb": peak, "base_inference_s": base_inference}
+    with torch.no_grad():
+        row["unmerged_inference_s"] = timed(forward, args.repeats, 1, device)
+        merge(unet, args.method)
+        row["merged_inference_s"] = timed(forward, args.repeats, 1, device)
+    row["unmerged_inference_ratio_to_base"] = row["unmerged_inference_s"] / base_inference
+    row["merged_inference_ratio_to_base"] = row["merged_inference_s"] / base_inference
+    if args.method.startswith("ether"):
+        row.update(routing(unet, args, x, t, ctx))
+    return row
+
+
+def routing(unet, args, x, t, ctx) -> dict:
+    """k = 8 adapters: one routed batch of 8 vs one adapter on the batch of 8 vs 8 sequential single passes."""
+    from ether_diffusion import AdapterConfig, add_adapter, route_adapters, set_adapters, unmerge_adapters
+
+    unmerge_adapters(unet)
+    kind, n = args.method.split("-n")
+    names = [f"s{i}" for i in range(8)]
+    for name in names:
+        add_adapter(unet, name, AdapterConfig(method=kind, n_blocks=int(n), targets="attn"))
+    xb, tb, cb = x.repeat(8, 1, 1, 1), t.repeat(8), ctx.repeat(8, 1, 1)
+    with torch.no_grad():
+        set_adapters(unet, names[0])
+        single = timed(lambda: unet(xb, tb, cb).sample, args.repeats, 1, args.device)
+
+        def routed_pass():
+            with route_adapters(unet, names):
+                unet(xb, tb, cb)
+
+        routed = timed(routed_pass, args.repeats, 1, args.device)
+
+        def sequential():
+            for name in names:
+                set_adapters(unet, name)
+                unet(x, t, ctx)
+
+        seq = timed(sequential, args.repeats, 1, args.device)
+    return {"single_adapter_batch8_s": single, "routed8_batch8_s": routed, "sequential8_s": seq,
+            "routed8_ratio_to_single": routed / single, "routed8_ratio_to_sequential": routed / seq}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="toy-world UNet at 16×16 latents, few repeats")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 quick, 32 otherwise)")
+    ap.add_argument("--repeats", type=int, default=None)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.shape = args.shape or ("quick" if args.quick else "sd15")
+    args.latent = args.latent or (16 if args.shape == "quick" else 32)
+    args.repeats = args.repeats or (5 if args.shape == "quick" else 3)
+    if args.worker:
+        args.method = args.worker
+        print(json.dumps(worker(args)))
+        return
+    rows = []
+    for method in args.methods.split(","):
+        cmd = [sys.executable, __file__, "--worker", method, "--shape", args.shape, "--device", args.device,
+               "--dtype", args.dtype, "--latent", str(args.latent), "--repeats", str(args.repeats)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            print(f"{method}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}")
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(f"{method}: done", flush=True)
+    by = {r["method"]: r for r in rows}
+    for r in rows:
+        for peer, key in (("lora-r4", "lora"), ("hra-r1", "hra"), ("oft", "oft")):
+            if peer in by:
+                r[f"step_time_ratio_to_{key}"] = r["step_time_s"] / by[peer]["step_time_s"]
+        if "lora-r4" in by:
+            r["peak_memory_ratio_to_lora"] = r["peak_memory_mb"] / max(by["lora-r4"]["peak_memory_mb"], 1e-9)
+    targets = {}
+    for label, (method, key, bound) in TARGETS.items():
+        value = by.get(method, {}).get(key)
+        targets[label] = {"value": value, "bound": bound, "met": value is not None and value <= bound}
+    header = (f"{'method':14s} {'params':>10s} {'file KB':>9s} {'step s':>8s} {'×LoRA':>6s} {'peak MB':>8s} "
+              f"{'unmerged×':>9s} {'merged×':>8s} {'routed8×':>8s}")
+    print(f"\nshape={args.shape} latent={args.latent} device={args.device} dtype={args.dtype} "
+          f"threads={torch.get_num_threads()} repeats={args.repeats}\n{header}")
+    for r in rows:
+        print(f"{r['method']:14s} {r['trainable_params']:10,d} {r['adapter_file_bytes'] / 1024:9.1f} "
+              f"{r['step_time_s']:8.3f} {r.get('step_time_ratio_to_lora', float('nan')):6.2f} "
+              f"{r['peak_memory_mb']:8.1f} {r['unmerged_inference_ratio_to_base']:9.3f} "
+              f"{r['merged_inference_ratio_to_base']:8.3f} {r.get('routed8_ratio_to_single', float('nan')):8.2f}")
+    print("\ntargets:")
+    for label, t in targets.items():
+        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
+        print(f"  [{'met' if t['met'] else 'MISSED'}] {label}: {value}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"shape": args.shape, "latent": args.latent, "device": args.device,
+                                        "dtype": args.dtype, "threads": torch.get_num_threads(),
+                                        "repeats": args.repeats, "rows": rows, "targets": targets}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Forward + backward time of one ETHER-adapted Linear against the plain Linear (the O(in) claim, in numbers).
+
+    python benchmarks/linear.py [--in-features 1280] [--tokens 4096] [--repeats 30] [--out docs/benchmarks/linear.json]
+
+Variants are timed interleaved (round-robin), so machine noise hits them alike; medians and ratios to the
+plain layer are reported. The plain layer trains its weight; the adapted layers train only their vectors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ether_diffusion import AdapterConfig, add_adapter
+
+VARIANTS = {
+    "plain Linear (weight trained)": None,
+    "ETHER n=1 (input side)": AdapterConfig(method="ether", n_blocks=1, targets="proj"),
+    "ETHER n=4 (input side)": AdapterConfig(method="ether", n_blocks=4, targets="proj"),
+    "ETHER+ n=1 (both sides)": AdapterConfig(method="etherplus", n_blocks=1, targets="proj"),
+    "ETHER+ n=4 (both sides)": AdapterConfig(method="etherplus", n_blocks=4, targets="proj"),
+}
+
+
+def build(config: AdapterConfig | None, d: int) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(d, d))
+    if config is not None:
+        add_adapter(model, "a", config)
+    return model
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--in-features", type=int, default=1280)
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    d = args.in_features
+    models = {name: build(cfg, d) for name, cfg in VARIANTS.items()}
+    x = torch.randn(args.tokens, d)
+    times: dict[str, list[float]] = {name: [] for name in models}
+    for r in range(args.repeats + 3):
+        for name, model in models.items():
+            t0 = time.perf_counter()
+            model(x).square().mean().backward()
+            elapsed = time.perf_counter() - t0
+            model.zero_grad(set_to_none=True)
+            if r >= 3:  # warm-up
+                times[name].append(elapsed)
+    plain = statistics.median(times["plain Linear (weight trained)"])
+    rows = [{"variant": name, "median_ms": statistics.median(t) * 1e3, "ratio_to_plain": statistics.median(t) / plain,
+             "trainable_params": sum(p.numel() for p in models[name].parameters() if p.requires_grad)}
+            for name, t in times.items()]
+    print(f"in = out = {d}, {args.tokens} tokens, forward + backward, {args.repeats} interleaved repeats, "
+          f"{torch.get_num_threads()} threads")
+    print(f"{'variant':32s} {'median ms':>10s} {'× plain':>8s} {'trainable':>10s}")
+    for row in rows:
+        print(f"{row['variant']:32s} {row['median_ms']:10.2f} {row['ratio_to_plain']:8.3f} {row['trainable_params']:10,d}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"in_features": d, "tokens": args.tokens, "repeats": args.repeats,
+                                        "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

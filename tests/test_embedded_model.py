@@ -1,0 +1,40 @@
+"""The shipped base model: loads offline as a plain diffusers pipeline, draws 64×64 pictures, and the demo's
+whole loop (render subject → DreamBooth with prior preservation → compare) runs and improves subject fidelity."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ether_diffusion.demo import DemoSettings, run_demo
+from ether_diffusion.pipelines import generate, load_pipeline
+from ether_diffusion.toyworld import checker
+from ether_diffusion.toyworld.base_model import EMBEDDED_MODEL_DIR
+
+
+def test_embedded_model_loads_offline_with_plain_diffusers():
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
+    assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
+    total = sum(p.stat().st_size for p in EMBEDDED_MODEL_DIR.rglob("*") if p.is_file())
+    assert total <= 40 * 2**20
+
+
+def test_embedded_model_draws_what_it_is_asked():
+    pipe = load_pipeline()
+    images = generate(pipe, "a large red circle on a white background", seed=0, steps=20, num_images=2)
+    assert images[0].size == (64, 64)
+    readings = [checker.read(im) for im in images]
+    assert all(r.background == "white" for r in readings)
+    assert any(r.colour == "red" for r in readings)
+
+
+def test_demo_reduced_mode_writes_everything_and_the_adapter_learns_the_subject(tmp_path):
+    settings = DemoSettings(out=str(tmp_path / "demo"), max_steps=120, class_images=4, seeds=2, sampling_steps=12)
+    report = run_demo(settings)
+    out = tmp_path / "demo"
+    for name in ("ether_adapter.safetensors", "grid.png", "report.json", "report.md", "README.md"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "report.json").read_text())["adapted"] == report["adapted"]
+    assert report["adapted"]["subject_fidelity"] > report["base"]["subject_fidelity"]
