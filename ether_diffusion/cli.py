@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_demo_parser(sub)
 
+    from .app import add_app_parser
+
+    add_app_parser(sub)
+
     for action in sub.choices.values():
         _add_common(action)
     return parser

@@ -10,7 +10,8 @@ from .config import DreamBoothConfig, build_config, read_config_file
 SHORT_HELP = {
     "instance_dir": "folder of subject photos (jpg/png/webp, optional name.txt captions)",
     "instance_prompt": "prompt with the identifier, e.g. 'a photo of sks dog'",
-    "output_dir": "where the adapter, checkpoints, validation images and model card go",
+    "output_dir": "where the adapter, checkpoints, validation images and model card go "
+                  "(default: the app's adapters folder, ~/.local/share/ether-diffusion/adapters/<prompt>)",
     "base": "diffusers folder or hub id (default: the embedded model)",
     "method": "ether or etherplus",
     "targets": "preset (attn, attn+ff) or comma-separated regexes",

@@ -14,6 +14,7 @@ else:  # pragma: no cover
 
 from ..atomic import atomic_write_text
 from ..errors import EtherError
+from ..paths import default_output_dir
 
 
 @dataclass
@@ -75,7 +76,7 @@ class DreamBoothConfig:
         if not self.instance_prompt:
             raise EtherError("--instance-prompt is required (e.g. 'a photo of sks dog')")
         if not self.output_dir:
-            raise EtherError("--output-dir is required")
+            self.output_dir = str(default_output_dir(self.instance_prompt))
         if self.max_steps < 1:
             raise EtherError(f"max_steps must be at least 1, got {self.max_steps}")
         if not self.learning_rate > 0:

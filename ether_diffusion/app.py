@@ -1,0 +1,143 @@
+"""`ether-diffusion app`: a Gradio UI over `Studio` (pick adapters, set strengths, compare, sweep).
+
+Binds to 127.0.0.1 unless --host says otherwise; never shares publicly; requests go through Gradio's queue one at
+a time; the UI only reads adapter files from the adapters folder and from uploads it validated itself.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+from .errors import EtherError
+from .paths import default_adapters_dir
+from .studio import LIMITS, SCHEDULERS, Request, Studio
+
+NONE = "(none)"
+SLOTS = 3
+
+
+def build_app(studio: Studio, slots: int = SLOTS):
+    import gradio as gr
+
+    def choices():
+        return [NONE, *studio.list_adapters()]
+
+    def describe(*names):
+        lines = []
+        for name in names:
+            if name in (None, NONE):
+                continue
+            try:
+                d = studio.describe(name)
+            except EtherError as exc:
+                lines.append(f"**{name}**: ⚠️ {exc}")
+                continue
+            lines.append(f"**{name}**: trigger `{d['trigger']}` · {d['method']} · {d['n_blocks']} block(s) · "
+                         f"{d['parameters']:,} parameters · base `{d['base_model']}` · parts {', '.join(d['components'])}")
+        return "\n\n".join(lines) or "No adapter selected: the base model draws."
+
+    def insert_trigger(prompt, *names):
+        for name in names:
+            if name not in (None, NONE):
+                try:
+                    trigger = studio.describe(name)["trigger"]
+                except EtherError:
+                    continue
+                if trigger and trigger not in prompt:
+                    return f"{trigger} {prompt}".strip()
+        return prompt
+
+    def upload(path):
+        unchanged = [gr.update() for _ in range(slots)]
+        if not path:
+            return *unchanged, "No file."
+        try:
+            name = studio.add_upload(path)
+        except EtherError as exc:
+            return *unchanged, f"⚠️ Upload refused: {exc}"
+        return *[gr.update(choices=choices()) for _ in range(slots)], f"Added `{name}`."
+
+    def run(prompt, negative, seed, random_seed, steps, guidance, scheduler, num_images, size, mode, *slot_values,
+            progress=gr.Progress()):
+        progress(0, desc="generating")
+        names, strengths = slot_values[:slots], slot_values[slots:]
+        adapters = [(n, float(s)) for n, s in zip(names, strengths) if n not in (None, NONE)]
+        seed = random.randint(0, 2**31 - 1) if random_seed else int(seed)
+        req = Request(prompt=prompt, negative_prompt=negative, seed=seed, steps=int(steps), guidance=float(guidance),
+                      num_images=int(num_images), scheduler=scheduler, size=int(size) if size else None, mode=mode)
+        try:
+            images = studio.run(req, adapters)
+        except EtherError as exc:
+            raise gr.Error(str(exc)) from None
+        return images, f"seed {seed} · {len(images)} image(s)"
+
+    with gr.Blocks(title="ether-diffusion") as app:
+        gr.Markdown("## ether-diffusion · sample from ETHER adapters")
+        with gr.Row():
+            with gr.Column(scale=1):
+                prompt = gr.Textbox(label="Prompt", elem_id="prompt", value="a large red circle on a white background")
+                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                dropdowns, sliders = [], []
+                for i in range(slots):
+                    with gr.Row():
+                        dropdowns.append(gr.Dropdown(choices(), value=NONE, label=f"Adapter {i + 1}",
+                                                     elem_id=f"adapter{i}", allow_custom_value=False))
+                        sliders.append(gr.Slider(*LIMITS["strength"], value=1.0, step=0.05, label="strength",
+                                                 elem_id=f"strength{i}"))
+                info = gr.Markdown(describe(), elem_id="adapter-info")
+                insert = gr.Button("Insert trigger prompt", elem_id="insert")
+                uploaded = gr.File(label="Upload an adapter (.safetensors)", file_types=[".safetensors"],
+                                   type="filepath", elem_id="upload")
+                upload_status = gr.Markdown(elem_id="upload-status")
+                with gr.Accordion("Settings", open=False):
+                    with gr.Row():
+                        seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
+                        random_seed = gr.Checkbox(False, label="random seed")
+                    steps = gr.Slider(*LIMITS["steps"], value=20, step=1, label="steps")
+                    guidance = gr.Slider(*LIMITS["guidance"], value=7.5, step=0.5, label="guidance")
+                    scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M", label="scheduler")
+                    num_images = gr.Slider(*LIMITS["num_images"], value=2, step=1, label="images")
+                    size = gr.Slider(studio.size_multiple, studio.native_size * 2, value=studio.native_size,
+                                     step=studio.size_multiple, label="size (px)")
+                mode = gr.Radio(["single", "compare", "sweep"], value="single", label="mode",
+                                info="compare: base vs adapted, same seed · sweep: first adapter over strengths")
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Column(scale=1):
+                gallery = gr.Gallery(label="Results", elem_id="gallery", columns=4, format="png", height="auto")
+                status = gr.Markdown(elem_id="status")
+        for dd in dropdowns:
+            dd.change(describe, dropdowns, info, api_name=False)
+        insert.click(insert_trigger, [prompt, *dropdowns], prompt, api_name=False)
+        uploaded.upload(upload, uploaded, [*dropdowns, upload_status], api_name="upload")
+        go.click(run, [prompt, negative, seed, random_seed, steps, guidance, scheduler, num_images, size, mode,
+                       *dropdowns, *sliders], [gallery, status], api_name="generate")
+    return app
+
+
+def launch(base: str | None, adapters_dir: str | Path | None, host: str = "127.0.0.1", port: int = 7860,
+           block: bool = True):
+    """Load the base once, build the UI, start the server (queued, one request at a time)."""
+    from .pipelines import load_pipeline
+
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise EtherError("the app needs gradio: pip install 'ether-diffusion[app]'") from None
+    adapters_dir = Path(adapters_dir) if adapters_dir else default_adapters_dir()
+    adapters_dir.mkdir(parents=True, exist_ok=True)
+    studio = Studio(load_pipeline(base), adapters_dir)
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=1)
+    app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True)
+    return app
+
+
+def add_app_parser(sub) -> None:
+    p = sub.add_parser("app", help="Gradio app to sample from adapters")
+    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the embedded model)")
+    p.add_argument("--adapters-dir", default=None, help=f"adapter files to offer (default: {default_adapters_dir()})")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.set_defaults(func=lambda a: launch(a.base, a.adapters_dir, a.host, a.port))
+

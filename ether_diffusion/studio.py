@@ -1,0 +1,183 @@
+"""The model side of the app: one base pipeline, a library of adapter files, serialised generation.
+
+Everything here goes through the library API (load_ether_weights, set_ether_adapters, generate), so the app adds
+no second implementation of loading, strength or sampling. Switching adapters or strengths only changes the
+active set in place: the base model is loaded once.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image
+
+from .adapter_file import check_base, read_adapter_file
+from .errors import EtherError
+from .pipelines import (
+    adapter_file_info,
+    disable_ether,
+    enable_ether,
+    generate,
+    get_list_ether_adapters,
+    load_ether_weights,
+    pipeline_components,
+    set_ether_adapters,
+)
+
+SCHEDULERS = {
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "DDIM": "DDIMScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler a": "EulerAncestralDiscreteScheduler",
+    "PNDM": "PNDMScheduler",
+}
+LIMITS = {"steps": (1, 100), "guidance": (0.0, 30.0), "strength": (-2.0, 3.0), "num_images": (1, 8)}
+SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
+
+
+def clamp(name: str, value: float) -> float:
+    lo, hi = LIMITS[name]
+    return min(max(value, lo), hi)
+
+
+@dataclass(frozen=True)
+class Request:
+    prompt: str
+    negative_prompt: str = ""
+    seed: int = 0
+    steps: int = 20
+    guidance: float = 7.5
+    num_images: int = 1
+    scheduler: str = "DPM++ 2M"
+    size: int | None = None
+    mode: str = "single"  # single | compare | sweep
+
+
+class Studio:
+    """Serves images from one base pipeline with any combination of adapter files at any strengths."""
+
+    def __init__(self, pipe, adapters_dir: str | Path, uploads_dir: str | Path | None = None):
+        self.pipe = pipe
+        self.adapters_dir = Path(adapters_dir)
+        self.uploads_dir = Path(uploads_dir) if uploads_dir else self.adapters_dir / "uploads"
+        self.lock = threading.RLock()  # one request at a time: the active set is shared state
+        self._loaded: dict[Path, str] = {}
+        self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+        self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+
+    # -- adapter library --------------------------------------------------------------------------------------
+
+    def list_adapters(self) -> list[str]:
+        """Adapter files under the adapters folder (uploads included), as names relative to it."""
+        roots = [self.adapters_dir] + ([self.uploads_dir] if not self._inside(self.uploads_dir) else [])
+        found = []
+        for root in roots:
+            if root.is_dir():
+                found += [self._name(p) for p in sorted(root.rglob("*.safetensors")) if ".tmp" not in p.name]
+        return found
+
+    def _inside(self, path: Path) -> bool:
+        try:
+            path.resolve().relative_to(self.adapters_dir.resolve())
+            return True
+        except ValueError:
+            return False
+
+    def _name(self, path: Path) -> str:
+        if self._inside(path):
+            return str(path.resolve().relative_to(self.adapters_dir.resolve()))
+        return "uploads/" + str(path.resolve().relative_to(self.uploads_dir.resolve()))
+
+    def resolve(self, name: str) -> Path:
+        """A listed name → its path; anything else (absolute paths, '..') is refused."""
+        if name not in self.list_adapters():
+            raise EtherError(f"no adapter named {name!r} in {self.adapters_dir}")
+        if name.startswith("uploads/") and not self._inside(self.uploads_dir):
+            return self.uploads_dir / name[len("uploads/"):]
+        return self.adapters_dir / name
+
+    def add_upload(self, path: str | Path) -> str:
+        """Validate an uploaded file against the base, then keep a copy in the uploads folder."""
+        parsed = read_adapter_file(path)
+        check_base(parsed, pipeline_components(self.pipe))
+        self.uploads_dir.mkdir(parents=True, exist_ok=True)
+        target = self.uploads_dir / Path(path).name
+        shutil.copyfile(path, target)
+        return self._name(target)
+
+    def ensure_loaded(self, name: str) -> str:
+        """The pipeline's adapter name for a listed file, loading (and validating) it on first use."""
+        path = self.resolve(name).resolve()
+        if path not in self._loaded:
+            with self.lock:
+                self._loaded[path] = load_ether_weights(self.pipe, path, adapter_name=f"a{len(self._loaded)}")
+        return self._loaded[path]
+
+    def describe(self, name: str) -> dict:
+        parsed = adapter_file_info(self.pipe, self.ensure_loaded(name))
+        meta = parsed.metadata
+        unet = meta["components"].get("unet", {}).get("config", {})
+        return {"trigger": meta.get("instance_prompt") or "", "method": unet.get("method"),
+                "n_blocks": unet.get("n_blocks"), "parameters": parsed.num_parameters,
+                "base_model": meta.get("base_model"), "components": sorted(meta["components"])}
+
+    # -- generation -------------------------------------------------------------------------------------------
+
+    def _activate(self, adapters: list[tuple[str, float]]) -> list[str]:
+        names = [self.ensure_loaded(n) for n, _ in adapters]
+        all_loaded = sorted({n for v in get_list_ether_adapters(self.pipe).values() for n in v})
+        strengths = dict.fromkeys(all_loaded, 0.0)
+        strengths.update({a: clamp("strength", s) for a, (_, s) in zip(names, adapters)})
+        if all_loaded:
+            set_ether_adapters(self.pipe, list(strengths), list(strengths.values()))
+        return names
+
+    def _draw(self, req: Request, seed: int) -> list[Image.Image]:
+        size = req.size or self.native_size
+        if size % self.size_multiple:
+            raise EtherError(f"size must be a multiple of {self.size_multiple}, got {size}")
+        return generate(self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=seed,
+                        steps=int(clamp("steps", req.steps)), guidance=clamp("guidance", req.guidance),
+                        num_images=int(clamp("num_images", req.num_images)), height=size, width=size)
+
+    def run(self, req: Request, adapters: list[tuple[str, float]]) -> list[tuple[Image.Image, str]]:
+        """Images with captions for a request; the whole call holds the model lock (one request at a time)."""
+        if not req.prompt.strip():
+            raise EtherError("the prompt is empty")
+        if req.scheduler not in SCHEDULERS:
+            raise EtherError(f"unknown scheduler {req.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        with self.lock:
+            names = self._activate(adapters) if adapters else []
+            import diffusers
+
+            cls = getattr(diffusers, SCHEDULERS[req.scheduler])
+            self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
+            if not names:
+                disable_ether(self.pipe)
+                try:
+                    return [(im, f"base, seed {req.seed}") for im in self._draw(req, req.seed)]
+                finally:
+                    enable_ether(self.pipe)
+            label = " + ".join(f"{n}@{s:g}" for n, s in adapters)
+            if req.mode == "compare":
+                adapted = self._draw(req, req.seed)
+                disable_ether(self.pipe)
+                try:
+                    base = self._draw(req, req.seed)
+                finally:
+                    enable_ether(self.pipe)
+                return [x for pair in zip(base, adapted) for x in ((pair[0], "base"), (pair[1], label))]
+            if req.mode == "sweep":
+                out = []
+                first = names[0]
+                for s in SWEEP:
+                    strengths = {a: clamp("strength", st) for a, (_, st) in zip(names, adapters)}
+                    strengths[first] = s
+                    set_ether_adapters(self.pipe, list(strengths), list(strengths.values()))
+                    out.append((self._draw(Request(**{**req.__dict__, "num_images": 1}), req.seed)[0],
+                                f"{adapters[0][0]}@{s:g}"))
+                return out
+            return [(im, label) for im in self._draw(req, req.seed)]

@@ -1,0 +1,141 @@
+"""The Gradio app on a tiny pipeline: API calls through gradio_client, and a real headless-Chromium session."""
+
+import shutil
+import socket
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+gr = pytest.importorskip("gradio")
+from gradio_client import Client, handle_file  # noqa: E402
+
+from ether_diffusion.app import NONE, build_app  # noqa: E402
+from ether_diffusion.studio import SWEEP, Studio  # noqa: E402
+from ether_diffusion.testing import tiny_sd_pipeline  # noqa: E402
+from ether_diffusion.train import DreamBoothConfig, train_dreambooth  # noqa: E402
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    instance = root / "instance"
+    instance.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (32, 32), colour).save(instance / f"{i}.png")
+    adapters = root / "adapters"
+    for name, seed in (("first", 0), ("second", 1)):
+        train_dreambooth(DreamBoothConfig(instance_dir=str(instance), instance_prompt=f"a {name} sks circle",
+                                          output_dir=str(adapters / name), max_steps=3, seed=seed,
+                                          method="ether", learning_rate=0.5), pipe=tiny_sd_pipeline())
+        for extra in (adapters / name).glob("checkpoint-*"):
+            shutil.rmtree(extra)
+    studio = Studio(tiny_sd_pipeline(), adapters)
+    app = build_app(studio)
+    app.queue(default_concurrency_limit=1)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, share=False)
+    yield f"http://127.0.0.1:{port}/", studio, root
+    app.close()
+
+
+def call(client, prompt="a red circle", adapters=(), mode="single", n=1, seed=3):
+    slots = [NONE, NONE, NONE]
+    strengths = [1.0, 1.0, 1.0]
+    for i, (name, s) in enumerate(adapters):
+        slots[i], strengths[i] = name, s
+    gallery, status = client.predict(prompt, "", seed, False, 4, 7.5, "DDIM", n, 32, mode, *slots, *strengths,
+                                     api_name="/generate")
+    return [np.asarray(Image.open(item["image"])) for item in gallery], status
+
+
+def test_generate_with_and_without_adapters(served):
+    url, studio, _ = served
+    client = Client(url, verbose=False)
+    names = studio.list_adapters()
+    assert names == ["first/ether_adapter.safetensors", "second/ether_adapter.safetensors"]
+    base, status = call(client)
+    assert "seed 3" in status
+    adapted, _ = call(client, adapters=[(names[0], 1.0)])
+    assert np.abs(base[0].astype(int) - adapted[0]).max() > 0
+    zero, _ = call(client, adapters=[(names[0], 0.0)])
+    assert np.abs(base[0].astype(int) - zero[0]).max() <= 1
+    compare, _ = call(client, adapters=[(names[0], 1.0)], mode="compare", n=2)
+    assert len(compare) == 4 and np.array_equal(compare[0], base[0]) and np.array_equal(compare[1], adapted[0])
+    sweep, _ = call(client, adapters=[(names[0], 1.0)], mode="sweep")
+    assert len(sweep) == len(SWEEP) and np.abs(sweep[0].astype(int) - base[0]).max() <= 1
+
+
+def test_corrupt_upload_is_refused_and_the_app_keeps_working(served):
+    url, studio, root = served
+    client = Client(url, verbose=False)
+    bad = root / "broken.safetensors"
+    bad.write_bytes(b"this is not an adapter")
+    result = client.predict(handle_file(str(bad)), api_name="/upload")
+    assert "Upload refused" in result[-1] and "not a readable safetensors file" in result[-1]
+    assert len(studio.list_adapters()) == 2
+    good = root / "adapters" / "first" / "ether_adapter.safetensors"
+    shutil.copy(good, root / "copy.safetensors")
+    result = client.predict(handle_file(str(root / "copy.safetensors")), api_name="/upload")
+    assert "Added `uploads/copy.safetensors`" in result[-1]
+    images, _ = call(client, adapters=[("uploads/copy.safetensors", 1.0)])
+    assert images[0].shape == (32, 32, 3)
+
+
+def test_concurrent_requests_get_their_own_adapters(served):
+    url, studio, _ = served
+    names = studio.list_adapters()[:2]
+    expected = {n: call(Client(url, verbose=False), adapters=[(n, 1.0)])[0][0] for n in names}
+    results = {}
+
+    def worker(name):
+        results[name] = call(Client(url, verbose=False), adapters=[(name, 1.0)])[0][0]
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in names for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n in names:
+        assert np.array_equal(results[n], expected[n])
+
+
+def test_the_ui_cannot_reach_files_outside_the_adapters_folder(served):
+    _, studio, root = served
+    from ether_diffusion.errors import EtherError
+
+    for name in ("../instance/0.png", str(root / "adapters" / "first" / "ether_adapter.safetensors"), "/etc/passwd"):
+        with pytest.raises(EtherError, match="no adapter named"):
+            studio.resolve(name)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+def test_real_browser_picks_an_adapter_and_generates(served, tmp_path):
+    playwright = pytest.importorskip("playwright.sync_api", reason="playwright for Python is not installed")
+    url, studio, _ = served
+    args = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    with playwright.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
+        page = browser.new_page()
+        page.goto(url)
+        page.locator("#adapter0 input").click()
+        page.get_by_role("option", name=studio.list_adapters()[0]).click()
+        page.locator("#adapter-info").get_by_text("trigger").wait_for(timeout=30_000)
+        page.locator("#prompt textarea").fill("a sks circle on a white background")
+        page.locator("#generate").click()
+        page.locator("#gallery img").first.wait_for(timeout=120_000)
+        shot = tmp_path / "app.png"
+        page.screenshot(path=str(shot), full_page=True)
+        assert page.locator("#gallery img").count() >= 1 and shot.stat().st_size > 0
+        browser.close()
