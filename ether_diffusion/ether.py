@@ -78,14 +78,19 @@ def apply_transform(
         view = (u_hat.shape[0],) + (1,) * (blocks.dim() - 3) + tuple(u_hat.shape[1:])
         u_hat = u_hat.reshape(view)
         v_hat = v_hat.reshape(view) if v_hat is not None else None
-    u_hat = u_hat.to(dtype)
-    delta = u_hat * ((blocks * u_hat).sum(-1, keepdim=True) * -spec.a)
-    if v_hat is not None and spec.b:
-        v_hat = v_hat.to(dtype)
-        delta = delta + v_hat * ((blocks * v_hat).sum(-1, keepdim=True) * spec.b)
     if isinstance(strength, torch.Tensor):
         strength = strength.to(dtype).reshape((-1,) + (1,) * (blocks.dim() - 1))
-    return (blocks + strength * delta).flatten(-2)
+    out = blocks
+    for vec, coef in ((u_hat, -spec.a), (v_hat, spec.b)):
+        if vec is None or not coef:
+            continue
+        vec = vec.to(dtype)
+        if not routed and vec.shape[0] == 1:  # one block: a matrix-vector product, no (tokens × d) temporary
+            proj = (x @ vec[0])[..., None, None]
+        else:  # (..., n, 1); measured faster than einsum's batched matmul for n > 1
+            proj = (blocks * vec).sum(-1, keepdim=True)
+        out = torch.addcmul(out, proj * (coef * strength), vec)  # out + c·s·(ûᵀx)·û in one pass
+    return out.flatten(-2)
 
 
 def transform_weight(
