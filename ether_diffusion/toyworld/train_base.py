@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from ..atomic import atomic_write, atomic_write_text
 from . import world
 from .base_model import scheduler_config, text_encoder_config, unet_config, vae_config
-from .tokenizer import write_tokenizer
+from .tokenizer import IDENTIFIER_TOKENS, write_tokenizer
 
 CFG_DROPOUT = 0.1
 
@@ -91,6 +91,20 @@ def encode_pool(vae, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         means.append(dist.mean)
         stds.append(dist.std)
     return torch.cat(means), torch.cat(stds)
+
+
+@torch.no_grad()
+def settle_identifier_tokens(text_encoder, tokenizer) -> None:
+    """Give the never-trained identifier tokens (sks, zwx, …) the mean embedding of the colour words.
+
+    They stay absent from every caption, but start as "some colour" rather than as untrained noise, so "a sks
+    circle" draws a plain circle (the class prior DreamBooth expects of a rare token), which an adapter then
+    turns into the subject.
+    """
+    table = text_encoder.get_input_embeddings().weight
+    colours = tokenizer.convert_tokens_to_ids([f"{c}</w>" for c in world.OBJECT_COLOURS])
+    identifiers = tokenizer.convert_tokens_to_ids([f"{t}</w>" for t in IDENTIFIER_TOKENS])
+    table[identifiers] = table[colours].mean(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -193,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     bar.close()
     log({"stage": "done", "steps": args.unet_steps})
 
+    settle_identifier_tokens(ema_text, tokenizer)
     pipe = StableDiffusionPipeline(
         vae=vae, text_encoder=ema_text, tokenizer=tokenizer, unet=ema_unet,
         scheduler=DPMSolverMultistepScheduler(**scheduler_config()),
