@@ -137,7 +137,7 @@ def worker(args) -> dict:
     ctx = torch.randn(1, ctx_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
     forward = lambda: unet(x, t, ctx).sample  # noqa: E731
     with torch.no_grad():
-        base_inference = timed(forward, args.repeats, 2, device)
+        base_inference = timed(forward, 1 if args.training_only else args.repeats, 1, device)
     attach(unet, args.method)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -158,6 +158,8 @@ def worker(args) -> dict:
     row = {"method": args.method, "trainable_params": sum(p.numel() for p in params),
            "adapter_file_bytes": adapter_bytes(unet, args.method), "step_time_s": step_time,
            "peak_memory_mb": peak, "base_inference_s": base_inference}
+    if args.training_only:
+        return row
     with torch.no_grad():
         row["unmerged_inference_s"] = timed(forward, args.repeats, 1, device)
         merge(unet, args.method)
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 quick, 32 otherwise)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--training-only", action="store_true", help="skip inference and multi-adapter serving timings")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -222,6 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--worker", method, "--shape", args.shape, "--device", args.device,
                "--dtype", args.dtype, "--latent", str(args.latent), "--repeats", str(args.repeats)]
+        cmd += ["--training-only"] if args.training_only else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
             print(f"{method}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}")
@@ -246,12 +250,15 @@ def main(argv: list[str] | None = None) -> None:
     for r in rows:
         print(f"{r['method']:14s} {r['trainable_params']:10,d} {r['adapter_file_bytes'] / 1024:9.1f} "
               f"{r['step_time_s']:8.3f} {r.get('step_time_ratio_to_lora', float('nan')):6.2f} "
-              f"{r['peak_memory_mb']:8.1f} {r['unmerged_inference_ratio_to_base']:9.3f} "
-              f"{r['merged_inference_ratio_to_base']:8.3f} {r.get('routed8_ratio_to_single', float('nan')):8.2f}")
+              f"{r['peak_memory_mb']:8.1f} {r.get('unmerged_inference_ratio_to_base', float('nan')):9.3f} "
+              f"{r.get('merged_inference_ratio_to_base', float('nan')):8.3f} "
+              f"{r.get('routed8_ratio_to_single', float('nan')):8.2f}")
     print("\ntargets:")
     for label, t in targets.items():
-        value = "n/a" if t["value"] is None else f"{t['value']:.3f}"
-        print(f"  [{'met' if t['met'] else 'MISSED'}] {label}: {value}")
+        if t["value"] is None:
+            print(f"  [not measured] {label}")
+        else:
+            print(f"  [{'met' if t['met'] else 'MISSED'}] {label}: {t['value']:.3f}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({"shape": args.shape, "latent": args.latent, "device": args.device,

@@ -22,7 +22,7 @@ from .ether import unit_blocks
 from .layers import EtherLayer
 from .pipelines import fuse_ether, pipeline_components
 
-RANK_TOLERANCE = 1e-10  # singular values below this fraction of the largest are exact zeros in fp64
+RANK_TOLERANCE = 1e-10  # singular values below this fraction (of the largest, or of ‖W‖) are fp64 round-off
 
 
 def _padded_directions(units: torch.Tensor) -> torch.Tensor:
@@ -47,7 +47,7 @@ def lora_factors(layer: EtherLayer, strengths: dict[str, float]) -> tuple[torch.
     basis, _ = torch.linalg.qr(torch.cat(spans, dim=1))
     projected = basis.T @ delta  # (K, in): exact because delta's columns lie in span(basis)
     u, s, vh = torch.linalg.svd(projected, full_matrices=False)
-    if s.numel() == 0 or s[0] == 0:
+    if s.numel() == 0 or s[0] <= RANK_TOLERANCE * torch.linalg.matrix_norm(weight):  # fp64 round-off only
         return None
     rank = int((s > s[0] * RANK_TOLERANCE).sum())
     root = s[:rank].sqrt()
