@@ -5,14 +5,10 @@ import os
 import pytest
 import torch
 
+from ether_diffusion.testing import tiny_sd_pipeline
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
-
-
-def tiny_sd_pipeline(prediction_type: str = "epsilon"):
-    from ether_diffusion.testing import tiny_sd_pipeline as build
-
-    return build(prediction_type=prediction_type)
 
 
 @pytest.fixture

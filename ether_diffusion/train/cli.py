@@ -38,12 +38,8 @@ def add_train_parser(sub) -> None:
             p.add_argument(_flag(f.name), action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif isinstance(default, list):
             p.add_argument(_flag(f.name).rstrip("s"), dest=f.name, action="append", default=None, help=help_text)
-        else:
-            kind = {int: int, float: float}.get(type(default), str)
-            if f.name in ("resolution", "validation_steps", "checkpoints_total_limit"):
-                kind = int
-            if f.name in ("snr_gamma", "text_encoder_lr"):
-                kind = float
+        else:  # the annotation ("int | None", "float", "str") gives the type, whatever the default
+            kind = int if str(f.type).startswith("int") else float if str(f.type).startswith("float") else str
             p.add_argument(_flag(f.name), type=kind, default=None, help=help_text)
     p.set_defaults(func=run_dreambooth)
 
