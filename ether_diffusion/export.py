@@ -20,7 +20,7 @@ from .atomic import atomic_write_bytes
 from .errors import EtherError
 from .ether import unit_blocks
 from .layers import EtherLayer
-from .pipelines import fuse_ether, pipeline_components
+from .pipelines import pipeline_components
 
 RANK_TOLERANCE = 1e-10  # singular values below this fraction (of the largest, or of ‖W‖) are fp64 round-off
 
@@ -114,7 +114,6 @@ def export_lora(pipe, out: str | Path, style: str = "diffusers", dtype: torch.dt
 
 def export_merged(pipe, out: str | Path, single_file_unet: bool = False) -> Path:
     """Save the whole pipeline with the active adapters fused, as plain diffusers (no trace of this package)."""
-    fuse_ether(pipe)
     for model in pipeline_components(pipe).values():
         inject.fuse_and_unload(model)
     out = Path(out)

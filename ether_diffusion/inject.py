@@ -73,9 +73,14 @@ def _wrap(model: nn.Module, name: str) -> EtherLayer:
     if isinstance(module, EtherLayer):
         return module
     layer = EtherLayer(module)
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    _replace(model, name, layer)
     return layer
+
+
+def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` where the submodule `name` is."""
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
 
 def add_adapter(model: nn.Module, name: str, config: AdapterConfig, layer_names: list[str] | None = None) -> list[str]:
@@ -188,8 +193,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def _unwrap(model: nn.Module, name: str, layer: EtherLayer) -> None:
     layer.unmerge()
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+    _replace(model, name, layer.base)
 
 
 def unload_adapters(model: nn.Module) -> None:
@@ -202,8 +206,7 @@ def fuse_and_unload(model: nn.Module) -> None:
     """Bake the active adapters into the weights and remove the wrappers: a plain model with the adapted weights."""
     for name, layer in list(ether_layers(model)):
         layer.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.base)
+        _replace(model, name, layer.base)
 
 
 @contextlib.contextmanager
