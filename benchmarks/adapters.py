@@ -15,7 +15,6 @@ PEFT (`pip install peft`) is needed for the LoRA / OFT / HRA rows only.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import resource
 import statistics

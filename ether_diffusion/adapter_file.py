@@ -17,6 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .atomic import atomic_write_bytes
+from .control import attach_control, build_encoder, control_encoders
 from .errors import AdapterFileError
 from .inject import add_adapter, adapter_modules, ether_layers
 from .layers import AdapterConfig, EtherLayer, is_adaptable, layer_sizes
@@ -26,6 +27,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "ether_diffusion"
 VECTOR_NAMES = ("u_input", "v_input", "u_output", "v_output")
 EXTRA_PREFIX = "extra."  # non-ETHER tensors (e.g. a control encoder) live under "extra.<module>.<param>"
+CONTROL_MODULE = "control_encoder"
 
 
 @dataclass
@@ -46,6 +48,11 @@ class AdapterFile:
     @property
     def num_parameters(self) -> int:
         return sum(t.numel() for k, t in self.tensors.items() if not k.startswith(EXTRA_PREFIX))
+
+    @property
+    def control(self) -> dict | None:
+        """{'kind': …, 'encoder': config} for a control adapter (it needs a control image), else None."""
+        return self.metadata.get("control")
 
     def extra_tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         """Non-ETHER tensors stored under `extra.<prefix>.`, keyed without that prefix."""
@@ -81,13 +88,13 @@ def save_adapter(
     components: dict[str, torch.nn.Module],
     name: str,
     info: dict | None = None,
-    extra_tensors: dict[str, torch.Tensor] | None = None,
     with_weight_hash: bool = True,
+    control: tuple[str, dict, torch.nn.Module] | None = None,
 ) -> Path:
     """Write adapter `name` from each component model (e.g. {"unet": unet}) to one file, atomically.
 
     `info` adds free-form metadata (instance prompt, trigger, base model, training settings);
-    `extra_tensors` are stored under `extra.` (used for control encoders).
+    `control` = (kind, encoder config, encoder) stores a control encoder under `extra.control_encoder.`.
     """
     tensors: dict[str, torch.Tensor] = {}
     comp_meta: dict[str, dict] = {}
@@ -106,12 +113,15 @@ def save_adapter(
         for layer_name, adapter in adapters.items():
             for vec_name, p in adapter.vectors.items():
                 tensors[f"{comp}.{layer_name}.{vec_name}"] = p.detach().to("cpu", torch.float32).contiguous()
-    if not comp_meta:
+    if not comp_meta and control is None:
         raise AdapterFileError(f"no adapter named {name!r} in the given models; nothing to save")
-    for key, value in (extra_tensors or {}).items():
-        tensors[EXTRA_PREFIX + key] = value.detach().to("cpu").contiguous()
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name, "components": comp_meta,
             **(info or {})}
+    if control is not None:
+        kind, config, encoder = control
+        meta["control"] = {"kind": kind, "encoder": config}
+        for key, value in encoder.state_dict().items():
+            tensors[f"{EXTRA_PREFIX}{CONTROL_MODULE}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
     data = save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
     return atomic_write_bytes(path, data)
 
@@ -167,12 +177,40 @@ def read_adapter_file(path: str | Path) -> AdapterFile:
     for key, value in tensors.items():
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise AdapterFileError(f"{path}: tensor {key} contains NaN or infinite values")
-    return AdapterFile(path, meta, tensors)
+    parsed = AdapterFile(path, meta, tensors)
+    if parsed.control is not None:
+        if not isinstance(parsed.control, dict) or not isinstance(parsed.control.get("encoder"), dict):
+            raise AdapterFileError(f"{path}: malformed control metadata (needs 'kind' and 'encoder')")
+        if not parsed.extra_tensors(CONTROL_MODULE):
+            raise AdapterFileError(f"{path}: metadata describes a control encoder but the file holds no "
+                                   f"{EXTRA_PREFIX}{CONTROL_MODULE}.* tensors")
+    elif not meta["components"]:
+        raise AdapterFileError(f"{path}: the adapter holds neither ETHER vectors nor a control encoder")
+    return parsed
+
+
+def control_encoder_from(adapter: AdapterFile) -> torch.nn.Module:
+    """The file's control encoder, built from its metadata with the stored weights (strict)."""
+    try:
+        encoder = build_encoder(adapter.control["encoder"])
+        encoder.load_state_dict(adapter.extra_tensors(CONTROL_MODULE))
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise AdapterFileError(f"{adapter.path}: the control encoder does not match its metadata: "
+                               f"{str(exc).splitlines()[0]}") from None
+    return encoder
 
 
 def check_base(adapter: AdapterFile, components: dict[str, torch.nn.Module]) -> list[str]:
     """Refuse a base model that lacks a component, a layer, or has other shapes; return warnings (weight hash)."""
     warnings = []
+    if adapter.control is not None:
+        unet = components.get("unet")
+        if unet is None or not hasattr(unet, "conv_in"):
+            raise AdapterFileError(f"{adapter.path} is a control adapter but the base model has no UNet with conv_in")
+        want, have = adapter.control["encoder"].get("conditioning_embedding_channels"), unet.config.block_out_channels[0]
+        if want != have:
+            raise AdapterFileError(f"{adapter.path} was made for another base model: its control encoder gives "
+                                   f"{want} channels, this UNet's conv_in gives {have}")
     for comp, meta in adapter.components.items():
         if comp not in components or components[comp] is None:
             raise AdapterFileError(f"{adapter.path}: the adapter has a {comp!r} part but the base model has no {comp}")
@@ -209,12 +247,16 @@ def load_adapter(
     for message in check_base(adapter, components):
         warnings.warn(message, stacklevel=2)
     name = name or adapter.metadata.get("name") or Path(path).stem
-    for comp in adapter.components:
-        if any(name in layer.ether_adapters for _, layer in ether_layers(components[comp])):
-            raise AdapterFileError(f"an adapter named {name!r} is already loaded; pass another name")
+    taken = any(name in layer.ether_adapters for model in components.values() if model is not None
+                for _, layer in ether_layers(model))
+    if taken or ("unet" in components and name in control_encoders(components["unet"])):
+        raise AdapterFileError(f"an adapter named {name!r} is already loaded; pass another name")
+    encoder = control_encoder_from(adapter) if adapter.control is not None else None
     for comp, meta in adapter.components.items():
         add_adapter(components[comp], name, adapter.config(comp), layer_names=list(meta["layers"]))
     copy_vectors(adapter, components, name)
+    if encoder is not None:
+        attach_control(components["unet"], name, encoder, adapter.control.get("kind", "other"))
     return name, adapter
 
 
@@ -236,12 +278,11 @@ def describe(adapter: AdapterFile) -> str:
         cfg = cm["config"]
         lines.append(f"{comp}: method={cfg['method']} n_blocks={cfg['n_blocks']} sides={cfg['sides']} "
                      f"targets={cfg['targets']} layers={len(cm['layers'])} fingerprint={cm['fingerprint']}")
-    for key in sorted(k for k in meta if k not in ("format", "format_version", "name", "components")):
+    if adapter.control is not None:
+        n_enc = sum(t.numel() for t in adapter.extra_tensors(CONTROL_MODULE).values())
+        lines.append(f"control: needs a {adapter.control.get('kind')} control image; encoder {n_enc:,} parameters")
+    for key in sorted(k for k in meta if k not in ("format", "format_version", "name", "components", "control")):
         value = meta[key]
         lines.append(f"{key}: {json.dumps(value) if isinstance(value, (dict, list)) else value}")
-    extras = sorted({k.split(".")[1] for k in adapter.tensors if k.startswith(EXTRA_PREFIX)})
-    if extras:
-        n_extra = sum(t.numel() for k, t in adapter.tensors.items() if k.startswith(EXTRA_PREFIX))
-        lines.append(f"extra modules: {', '.join(extras)} ({n_extra:,} parameters)")
     return "\n".join(lines)
 

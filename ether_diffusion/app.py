@@ -33,8 +33,10 @@ def build_app(studio: Studio, slots: int = SLOTS):
             except EtherError as exc:
                 lines.append(f"**{name}**: ⚠️ {exc}")
                 continue
+            needs = f" · needs a **{d['control']}** control image" if d["control"] else ""
             lines.append(f"**{name}**: trigger `{d['trigger']}` · {d['method']} · {d['n_blocks']} block(s) · "
-                         f"{d['parameters']:,} parameters · base `{d['base_model']}` · parts {', '.join(d['components'])}")
+                         f"{d['parameters']:,} parameters · base `{d['base_model']}` · parts "
+                         f"{', '.join(d['components']) or 'control encoder'}{needs}")
         return "\n\n".join(lines) or "No adapter selected: the base model draws."
 
     def insert_trigger(prompt, *names):
@@ -61,11 +63,12 @@ def build_app(studio: Studio, slots: int = SLOTS):
     def run(prompt, negative, seed, random_seed, steps, guidance, scheduler, num_images, size, mode, *slot_values,
             progress=gr.Progress()):
         progress(0, desc="generating")
-        names, strengths = slot_values[:slots], slot_values[slots:]
+        names, strengths, hint = slot_values[:slots], slot_values[slots : 2 * slots], slot_values[2 * slots]
         adapters = [(n, float(s)) for n, s in zip(names, strengths) if n not in (None, NONE)]
         seed = random.randint(0, 2**31 - 1) if random_seed else int(seed)
         req = Request(prompt=prompt, negative_prompt=negative, seed=seed, steps=int(steps), guidance=float(guidance),
-                      num_images=int(num_images), scheduler=scheduler, size=int(size) if size else None, mode=mode)
+                      num_images=int(num_images), scheduler=scheduler, size=int(size) if size else None, mode=mode,
+                      control_image=hint)
         try:
             images = studio.run(req, adapters)
         except EtherError as exc:
@@ -90,6 +93,8 @@ def build_app(studio: Studio, slots: int = SLOTS):
                 uploaded = gr.File(label="Upload an adapter (.safetensors)", file_types=[".safetensors"],
                                    type="filepath", elem_id="upload")
                 upload_status = gr.Markdown(elem_id="upload-status")
+                control = gr.Image(label="Control image (segmentation / edge map, for control adapters)", type="pil",
+                                   elem_id="control-image", image_mode="RGB")
                 with gr.Accordion("Settings", open=False):
                     with gr.Row():
                         seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
@@ -111,7 +116,7 @@ def build_app(studio: Studio, slots: int = SLOTS):
         insert.click(insert_trigger, [prompt, *dropdowns], prompt, api_name=False)
         uploaded.upload(upload, uploaded, [*dropdowns, upload_status], api_name="upload")
         go.click(run, [prompt, negative, seed, random_seed, steps, guidance, scheduler, num_images, size, mode,
-                       *dropdowns, *sliders], [gallery, status], api_name="generate")
+                       *dropdowns, *sliders, control], [gallery, status], api_name="generate")
     return app
 
 

@@ -23,9 +23,17 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from .pipelines import generate
 
     out = Path(args.out)
+    hint = None
+    if args.control_image:
+        from .data import read_image
+
+        hint = read_image(Path(args.control_image)) if Path(args.control_image).is_file() else None
+        if hint is None:
+            raise EtherError(f"control image not found or not readable: {args.control_image}")
     pipe = _pipeline_with_adapters(args.base, args.adapter or [])
     images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                      guidance=args.guidance, num_images=args.num_images)
+                      guidance=args.guidance, num_images=args.num_images, control_image=hint,
+                      control_scale=args.control_scale)
     out.mkdir(parents=True, exist_ok=True)
     from .atomic import atomic_write
 
@@ -53,16 +61,23 @@ def _pipeline_with_adapters(base: str | None, specs: list[str], default_strength
 def cmd_export(args: argparse.Namespace) -> None:
     import torch
 
-    from .export import export_lora, export_merged
+    from . import inject
+    from .pipelines import pipeline_components
+    from .control import control_strengths
+    from .export import export_control_encoders, export_lora, export_merged
 
     pipe = _pipeline_with_adapters(args.base, args.adapters, args.strength)
     source = {"adapters": args.adapters, "base": args.base or "embedded", "strength": args.strength}
     if args.to == "merged":
         print(f"merged pipeline written to {export_merged(pipe, args.out, single_file_unet=args.single_file)}")
-        return
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    info = export_lora(pipe, args.out, style="diffusers" if args.to == "lora" else "kohya", dtype=dtype, source=source)
-    print(f"{args.to} file written to {info['path']} ({info['bytes']:,} bytes, ranks {info['ranks']})")
+    elif any(inject.active_adapters(m) for m in pipeline_components(pipe).values()) or not any(
+            control_strengths(pipe.unet).values()):
+        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
+        info = export_lora(pipe, args.out, style="diffusers" if args.to == "lora" else "kohya", dtype=dtype,
+                           source=source)
+        print(f"{args.to} file written to {info['path']} ({info['bytes']:,} bytes, ranks {info['ranks']})")
+    for path in export_control_encoders(pipe, args.out):
+        print(f"control encoder written to {path} (a LoRA cannot hold it: load it beside; see docs/control.md)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--control-image", default=None, help="control picture for a control adapter (resized to the output)")
+    p.add_argument("--control-scale", type=float, default=1.0, help="multiplies the control encoder's features")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export adapters as a LoRA (diffusers or kohya keys) or a merged pipeline")

@@ -83,12 +83,11 @@ def check_resolution(resolution: int, multiple: int = 8) -> None:
 
 
 def prepare(image: Image.Image, resolution: int, *, center_crop: bool, flip: bool,
-            generator: torch.Generator) -> torch.Tensor:
+            generator: torch.Generator, resample: Image.Resampling = Image.Resampling.BICUBIC) -> torch.Tensor:
     """Resize the short side to `resolution`, crop a square (centre or random), optionally flip: (3, R, R) in [-1, 1]."""
     w, h = image.size
     scale = resolution / min(w, h)
-    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))),
-                         Image.Resampling.BICUBIC)
+    image = image.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), resample)
     w, h = image.size
     if center_crop:
         left, top = (w - resolution) // 2, (h - resolution) // 2
@@ -100,3 +99,67 @@ def prepare(image: Image.Image, resolution: int, *, center_crop: bool, flip: boo
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+@dataclass
+class ControlExample:
+    """One control training row: target picture, control picture (same size) and caption."""
+
+    image: Image.Image
+    control: Image.Image
+    caption: str
+
+
+CONTROL_COLUMNS = ("image", "conditioning_image", "text")
+
+
+def _control_row(folder: Path, line: str) -> tuple[ControlExample | None, str | None]:
+    """One metadata.jsonl line → (example, None) or (None, what is wrong with it)."""
+    import json
+
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return None, f"not valid JSON ({exc.msg})"
+    if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in CONTROL_COLUMNS):
+        return None, f"needs string fields {', '.join(CONTROL_COLUMNS)}"
+    pictures = []
+    for key in CONTROL_COLUMNS[:2]:
+        path = folder / row[key]
+        if not path.is_file():
+            return None, f"{key} file not found: {row[key]}"
+        try:
+            with Image.open(path) as im:
+                im.load()
+                pictures.append(to_rgb(im))
+        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
+            return None, f"{key} is not a readable image: {row[key]}"
+    if pictures[0].size != pictures[1].size:
+        return None, f"image is {pictures[0].size[0]}×{pictures[0].size[1]} but conditioning_image is " \
+                     f"{pictures[1].size[0]}×{pictures[1].size[1]}"
+    return ControlExample(pictures[0], pictures[1], row["text"]), None
+
+
+def load_control_folder(folder: str | Path) -> list[ControlExample]:
+    """Rows of `folder/metadata.jsonl` ({"image", "conditioning_image", "text"}, paths relative to the folder;
+    diffusers' ControlNet convention). Every row is checked first; bad rows are reported by line number."""
+    folder = Path(folder)
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        raise EtherError(f"no metadata.jsonl in {folder} (one JSON object per line: "
+                         f'{{"image": …, "conditioning_image": …, "text": …}})')
+    examples, problems = [], []
+    for number, line in enumerate(meta.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        example, problem = _control_row(folder, line)
+        if problem:
+            problems.append(f"row {number}: {problem}")
+        else:
+            examples.append(example)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; … ({len(problems)} bad rows in all)" if len(problems) > 5 else "")
+        raise EtherError(f"{meta} has bad rows, fix them before training: {shown}")
+    if not examples:
+        raise EtherError(f"{meta} has no rows")
+    return examples

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from . import inject
+from . import control, inject
 from .atomic import atomic_write_bytes
 from .errors import EtherError
 from .ether import unit_blocks
@@ -110,6 +110,31 @@ def export_lora(pipe, out: str | Path, style: str = "diffusers", dtype: torch.dt
     meta = {"format": "pt", "exported_from": "ether-diffusion", "ether_source": json.dumps(source or {})}
     path = atomic_write_bytes(out, save(tensors, metadata=meta))
     return {"path": path, "ranks": ranks, "bytes": path.stat().st_size}
+
+
+def export_control_encoders(pipe, out: str | Path) -> list[Path]:
+    """Write each active control encoder beside the export, its strength baked into the last (linear) conv.
+
+    A LoRA or merged UNet cannot carry the encoder, so it travels as its own file: the state dict of diffusers'
+    `ControlNetConditioningEmbedding` with its config in the metadata; add its output on the control image
+    (RGB in [0, 1], generation size) to `unet.conv_in`'s output. Returns the paths written.
+    """
+    state = control.control_encoders(pipe.unet)
+    strengths = {n: s for n, s in control.control_strengths(pipe.unet).items() if s}
+    out = Path(out)
+    paths = []
+    for name, strength in strengths.items():
+        encoder, kind, config = state[name], control.control_kinds(pipe.unet)[name], control.encoder_config_of(state[name])
+        tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in encoder.state_dict().items()}
+        for key in ("conv_out.weight", "conv_out.bias"):
+            tensors[key] *= strength
+        suffix = f".{name}.control_encoder.safetensors" if len(strengths) > 1 else ".control_encoder.safetensors"
+        path = out / suffix.lstrip(".") if out.is_dir() or not out.suffix else out.with_name(out.stem + suffix)
+        meta = {"format": "pt", "class": "diffusers.models.controlnets.controlnet.ControlNetConditioningEmbedding",
+                "config": json.dumps(config), "control_kind": kind,
+                "usage": "add encoder(control image as RGB in [0, 1] at the generation size) to unet.conv_in's output"}
+        paths.append(atomic_write_bytes(path, save(tensors, metadata=meta)))
+    return paths
 
 
 def export_merged(pipe, out: str | Path, single_file_unet: bool = False) -> Path:

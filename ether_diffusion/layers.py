@@ -174,8 +174,8 @@ class EtherLayer(nn.Module):
         return u, v, used[0].config.spec
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled or self.merged or (not self.active and self.routing is None):
-            return self.base(x)
+        if not self.enabled or self.merged or (not any(self.active.values()) and self.routing is None):
+            return self.base(x)  # strength-0 adapters cost nothing and leave the base output bit for bit
         if self.is_conv:
             return self._forward_2d(x.movedim(1, -1)).movedim(-1, 1)
         return self._forward_2d(x)
@@ -195,7 +195,7 @@ class EtherLayer(nn.Module):
             if routed_out:
                 y = apply_transform(y, *routed_out[:2], routed_out[2], strengths)
         else:
-            names = list(self.active)
+            names = [n for n, s in self.active.items() if s]
             y = F.linear(self._transform(x, names[::-1], "input"), weight)
             y = self._transform(y, names, "output")
         return y + bias if bias is not None else y

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import inject
+from . import control, inject
 from .adapter_file import AdapterFile, load_adapter, save_adapter
 from .errors import EtherError
 from .toyworld.base_model import EMBEDDED_MODEL_DIR
@@ -92,8 +92,12 @@ def adapter_file_info(pipe, adapter_name: str) -> AdapterFile:
 
 
 def get_list_ether_adapters(pipe) -> dict[str, list[str]]:
-    """Component name → adapter names, like diffusers' `get_list_adapters`."""
-    return {c: inject.list_adapters(m) for c, m in pipeline_components(pipe).items() if inject.list_adapters(m)}
+    """Component name → adapter names, like diffusers' `get_list_adapters` (control encoders count as unet)."""
+    out = {c: inject.list_adapters(m) for c, m in pipeline_components(pipe).items() if inject.list_adapters(m)}
+    encoders = [n for n in control.control_encoders(pipe.unet) if n not in out.get("unet", [])]
+    if encoders:
+        out["unet"] = [*out.get("unet", []), *encoders]
+    return out
 
 
 def set_ether_adapters(pipe, adapter_names: list[str] | str, adapter_weights: list[float] | float | None = None) -> None:
@@ -105,16 +109,19 @@ def set_ether_adapters(pipe, adapter_names: list[str] | str, adapter_weights: li
         raise EtherError(f"unknown adapter(s) {missing}; loaded: {sorted(known) or 'none'}")
     for model in pipeline_components(pipe).values():
         inject.set_adapters(model, list(strengths), list(strengths.values()), strict=False)
+    control.set_control_strengths(pipe.unet, strengths)
 
 
 def enable_ether(pipe) -> None:
     for model in pipeline_components(pipe).values():
         inject.enable_adapters(model)
+    control.enable_control(pipe.unet)
 
 
 def disable_ether(pipe) -> None:
     for model in pipeline_components(pipe).values():
         inject.disable_adapters(model)
+    control.enable_control(pipe.unet, False)
 
 
 def fuse_ether(pipe) -> None:
@@ -133,6 +140,7 @@ def delete_ether_adapters(pipe, adapter_names: list[str] | str) -> None:
         for model in pipeline_components(pipe).values():
             if name in inject.list_adapters(model):
                 inject.delete_adapter(model, name)
+        control.detach_control(pipe.unet, name)
         _registry(pipe).pop(name, None)
 
 
@@ -140,6 +148,7 @@ def unload_ether_weights(pipe) -> None:
     """Remove every adapter: the pipeline is the plain base again, original weights restored."""
     for model in pipeline_components(pipe).values():
         inject.unload_adapters(model)
+    control.detach_control(pipe.unet)
     _registry(pipe).clear()
 
 
@@ -169,13 +178,29 @@ def generate(
     num_images: int = 1,
     height: int | None = None,
     width: int | None = None,
+    control_image: Image.Image | list[Image.Image] | None = None,
+    control_scale: float = 1.0,
 ) -> list[Image.Image]:
-    """Images for a prompt with the adapters currently active, reproducible from `seed`."""
+    """Images for a prompt with the adapters currently active, reproducible from `seed`.
+
+    An active control adapter needs `control_image` (resized to the output size); without an active control
+    adapter a control image is an error rather than silently ignored.
+    """
     if steps < 1 or steps > 1000:
         raise EtherError(f"steps must be between 1 and 1000, got {steps}")
+    needed = control.needed_control(pipe.unet)
+    if needed and control_image is None:
+        raise EtherError("active control adapter(s) need a control image: "
+                         + ", ".join(f"{n} ({kind})" for n, kind in needed.items()))
+    if control_image is not None and not needed:
+        raise EtherError("a control image was given but no control adapter is active")
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    image = control.prepare_control_image(control_image, width, height) if control_image is not None else None
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
-                num_images_per_prompt=num_images, height=height, width=width, generator=generator).images
+    with control.control_image(pipe.unet, image, control_scale):
+        return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
+                    num_images_per_prompt=num_images, height=height, width=width, generator=generator).images
 
 
 def image_grid(rows: list[list[Image.Image]]) -> Image.Image:

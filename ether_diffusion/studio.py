@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image
 
 from .adapter_file import check_base, read_adapter_file
+from .control import needed_control
 from .errors import EtherError
 from .pipelines import (
     adapter_file_info,
@@ -54,6 +55,7 @@ class Request:
     scheduler: str = "DPM++ 2M"
     size: int | None = None
     mode: str = "single"  # single | compare | sweep
+    control_image: Image.Image | None = field(default=None, compare=False, repr=False)  # for control adapters
 
 
 class Studio:
@@ -122,7 +124,8 @@ class Studio:
         unet = meta["components"].get("unet", {}).get("config", {})
         return {"trigger": meta.get("instance_prompt") or "", "method": unet.get("method"),
                 "n_blocks": unet.get("n_blocks"), "parameters": parsed.num_parameters,
-                "base_model": meta.get("base_model"), "components": sorted(meta["components"])}
+                "base_model": meta.get("base_model"), "components": sorted(meta["components"]),
+                "control": (parsed.control or {}).get("kind")}
 
     # -- generation -------------------------------------------------------------------------------------------
 
@@ -139,9 +142,11 @@ class Studio:
         size = req.size or self.native_size
         if size % self.size_multiple:
             raise EtherError(f"size must be a multiple of {self.size_multiple}, got {size}")
+        hint = req.control_image if needed_control(self.pipe.unet) else None  # the base side of compare has none
         return generate(self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=seed,
                         steps=int(clamp("steps", req.steps)), guidance=clamp("guidance", req.guidance),
-                        num_images=int(clamp("num_images", req.num_images)), height=size, width=size)
+                        num_images=int(clamp("num_images", req.num_images)), height=size, width=size,
+                        control_image=hint)
 
     def run(self, req: Request, adapters: list[tuple[str, float]]) -> list[tuple[Image.Image, str]]:
         """Images with captions for a request; the whole call holds the model lock (one request at a time)."""

@@ -3,7 +3,6 @@
 import shutil
 import socket
 import threading
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +11,14 @@ from PIL import Image
 gr = pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
+import torch  # noqa: E402
+
+from ether_diffusion.adapter_file import save_adapter  # noqa: E402
 from ether_diffusion.app import NONE, build_app  # noqa: E402
+from ether_diffusion.control import build_encoder, encoder_config  # noqa: E402
 from ether_diffusion.studio import SWEEP, Studio  # noqa: E402
 from ether_diffusion.testing import tiny_sd_pipeline  # noqa: E402
+from ether_diffusion.toyworld import world  # noqa: E402
 from ether_diffusion.train import DreamBoothConfig, train_dreambooth  # noqa: E402
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -40,6 +44,14 @@ def served(tmp_path_factory):
                                           method="ether", learning_rate=0.5), pipe=tiny_sd_pipeline())
         for extra in (adapters / name).glob("checkpoint-*"):
             shutil.rmtree(extra)
+    control_pipe = tiny_sd_pipeline()
+    config = encoder_config(control_pipe.unet, control_pipe.vae_scale_factor)
+    encoder = build_encoder(config)
+    with torch.no_grad():
+        encoder.conv_out.weight.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    save_adapter(adapters / "z-control" / "seg.safetensors", {"unet": control_pipe.unet}, "seg",
+                 control=("segmentation", config, encoder))
+    world.render_segmentation(world.Scene("square", ("red",), "white", "large", 20.0, 40.0, 14.0)).save(root / "map.png")
     studio = Studio(tiny_sd_pipeline(), adapters)
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)
@@ -49,13 +61,13 @@ def served(tmp_path_factory):
     app.close()
 
 
-def call(client, prompt="a red circle", adapters=(), mode="single", n=1, seed=3):
+def call(client, prompt="a red circle", adapters=(), mode="single", n=1, seed=3, control=None):
     slots = [NONE, NONE, NONE]
     strengths = [1.0, 1.0, 1.0]
     for i, (name, s) in enumerate(adapters):
         slots[i], strengths[i] = name, s
     gallery, status = client.predict(prompt, "", seed, False, 4, 7.5, "DDIM", n, 32, mode, *slots, *strengths,
-                                     api_name="/generate")
+                                     handle_file(str(control)) if control else None, api_name="/generate")
     return [np.asarray(Image.open(item["image"])) for item in gallery], status
 
 
@@ -63,7 +75,7 @@ def test_generate_with_and_without_adapters(served):
     url, studio, _ = served
     client = Client(url, verbose=False)
     names = studio.list_adapters()
-    assert names == ["first/ether_adapter.safetensors", "second/ether_adapter.safetensors"]
+    assert names == ["first/ether_adapter.safetensors", "second/ether_adapter.safetensors", "z-control/seg.safetensors"]
     base, status = call(client)
     assert "seed 3" in status
     adapted, _ = call(client, adapters=[(names[0], 1.0)])
@@ -76,14 +88,28 @@ def test_generate_with_and_without_adapters(served):
     assert len(sweep) == len(SWEEP) and np.abs(sweep[0].astype(int) - base[0]).max() <= 1
 
 
+def test_control_adapter_needs_and_follows_a_control_image(served):
+    url, studio, root = served
+    client = Client(url, verbose=False)
+    assert studio.describe("z-control/seg.safetensors")["control"] == "segmentation"
+    base, _ = call(client)
+    controlled, _ = call(client, adapters=[("z-control/seg.safetensors", 1.0)], control=root / "map.png")
+    assert not np.array_equal(base[0], controlled[0])
+    compare, _ = call(client, adapters=[("z-control/seg.safetensors", 1.0)], control=root / "map.png", mode="compare")
+    assert np.array_equal(compare[0], base[0]) and np.array_equal(compare[1], controlled[0])
+    with pytest.raises(Exception, match=r"need a control image: a\d+ \(segmentation\)"):
+        call(client, adapters=[("z-control/seg.safetensors", 1.0)])
+
+
 def test_corrupt_upload_is_refused_and_the_app_keeps_working(served):
     url, studio, root = served
     client = Client(url, verbose=False)
+    before = studio.list_adapters()
     bad = root / "broken.safetensors"
     bad.write_bytes(b"this is not an adapter")
     result = client.predict(handle_file(str(bad)), api_name="/upload")
     assert "Upload refused" in result[-1] and "not a readable safetensors file" in result[-1]
-    assert len(studio.list_adapters()) == 2
+    assert studio.list_adapters() == before
     good = root / "adapters" / "first" / "ether_adapter.safetensors"
     shutil.copy(good, root / "copy.safetensors")
     result = client.predict(handle_file(str(root / "copy.safetensors")), api_name="/upload")

@@ -1,6 +1,6 @@
-"""Train the embedded base model from scratch on rendered toy-world scenes (CPU, about 80 minutes).
+"""Train the embedded base model from scratch on rendered toy-world scenes (CPU, about two hours).
 
-    python -m ether_diffusion.toyworld.train_base --out runs/base --vae-steps 2500 --unet-steps 3600
+    python -m ether_diffusion.toyworld.train_base --out runs/base --vae-steps 2500 --unet-steps 4000
 
 Stages: (1) the VAE on random 32×32 crops (fully convolutional, so crops are 4× cheaper and transfer to 64×64);
 (2) encode a fixed pool of scenes once (latent caching); (3) UNet + text encoder jointly, with EMA weights.
@@ -107,6 +107,20 @@ def settle_identifier_tokens(text_encoder, tokenizer) -> None:
     table[identifiers] = table[colours].mean(0)
 
 
+def unet_lr(peak: float, step: int, total: int) -> float:
+    """Warm-up over 200 steps, constant, then a cosine down to 10% over the last 30% of the steps.
+
+    The decay depends only on the final step count, so a run continued to more steps repeats the earlier
+    constant-LR steps exactly and only the tail changes.
+    """
+    lr = peak * min(1.0, (step + 1) / 200)
+    start = int(0.7 * total)
+    if step >= start:
+        progress = (step - start) / max(1, total - start)
+        lr *= 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+    return lr
+
+
 def main(argv: list[str] | None = None) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -114,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--vae-steps", type=int, default=2500)
-    ap.add_argument("--unet-steps", type=int, default=3600)
+    ap.add_argument("--unet-steps", type=int, default=4000)
     ap.add_argument("--pool", type=int, default=20000, help="number of rendered training scenes")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=6e-4)
@@ -183,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         t = torch.randint(0, 1000, (args.batch_size,), generator=g)
         noisy = noise_scheduler.add_noise(latents, noise, t)
         for group in opt.param_groups:
-            group["lr"] = args.lr * min(1.0, (step + 1) / 200)  # warm-up
+            group["lr"] = unet_lr(args.lr, step, args.unet_steps)
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)

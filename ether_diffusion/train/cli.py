@@ -1,22 +1,25 @@
-"""`ether-diffusion train dreambooth` flags: every DreamBoothConfig field, defaults from the dataclass."""
+"""`ether-diffusion train dreambooth|control` flags: every config field, types from the dataclass annotations."""
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import fields
 
-from .config import DreamBoothConfig, build_config, read_config_file
+from .config import ControlConfig, DreamBoothConfig, TrainingConfig, build_config, read_config_file
 
 SHORT_HELP = {
     "instance_dir": "folder of subject photos (jpg/png/webp, optional name.txt captions)",
     "instance_prompt": "prompt with the identifier, e.g. 'a photo of sks dog'",
-    "output_dir": "where the adapter, checkpoints, validation images and model card go "
-                  "(default: the app's adapters folder, ~/.local/share/ether-diffusion/adapters/<prompt>)",
+    "data_dir": "folder with metadata.jsonl rows {image, conditioning_image, text} (paths relative to it)",
+    "control_kind": "what the control images are: segmentation, edges, depth, pose or other",
+    "train_adapters": "train ETHER adapters with the encoder (--no-train-adapters: encoder only)",
+    "output_dir": "where the adapter, checkpoints and validation images go "
+                  "(default: the app's adapters folder, ~/.local/share/ether-diffusion/adapters/<name>)",
     "base": "diffusers folder or hub id (default: the embedded model)",
     "method": "ether or etherplus",
     "targets": "preset (attn, attn+ff) or comma-separated regexes",
     "resume_from_checkpoint": "'latest' or a checkpoint folder",
-    "validation_prompts": "repeatable; default: the instance prompt",
+    "validation_prompts": "repeatable; default: the instance prompt (dreambooth) or each row's caption (control)",
 }
 
 
@@ -24,14 +27,10 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_train_parser(sub) -> None:
-    train = sub.add_parser("train", help="train an adapter")
-    kinds = train.add_subparsers(dest="kind", required=True)
-    p = kinds.add_parser("dreambooth", help="subject-driven training (DreamBooth style)",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def _add_config_flags(p: argparse.ArgumentParser, config_cls: type[TrainingConfig]) -> None:
     p.add_argument("--config", help="TOML / YAML / JSON file of settings; flags override it")
-    defaults = DreamBoothConfig()
-    for f in fields(DreamBoothConfig):
+    defaults = config_cls()
+    for f in fields(config_cls):
         default = getattr(defaults, f.name)
         help_text = SHORT_HELP.get(f.name, "") + (f" (default: {default})" if default not in ("", None, []) else "")
         if isinstance(default, bool):
@@ -41,13 +40,23 @@ def add_train_parser(sub) -> None:
         else:  # the annotation ("int | None", "float", "str") gives the type, whatever the default
             kind = int if str(f.type).startswith("int") else float if str(f.type).startswith("float") else str
             p.add_argument(_flag(f.name), type=kind, default=None, help=help_text)
-    p.set_defaults(func=run_dreambooth)
+    p.set_defaults(config_cls=config_cls, func=run_training)
 
 
-def run_dreambooth(args: argparse.Namespace) -> None:
-    from .dreambooth import train_dreambooth
+def add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train an adapter")
+    kinds = train.add_subparsers(dest="kind", required=True)
+    _add_config_flags(kinds.add_parser("dreambooth", help="subject-driven training (DreamBooth style)"),
+                      DreamBoothConfig)
+    _add_config_flags(kinds.add_parser("control", help="control image → picture (control encoder + ETHER)"),
+                      ControlConfig)
 
+
+def run_training(args: argparse.Namespace) -> None:
     file_values = read_config_file(args.config) if args.config else {}
-    cfg = build_config(DreamBoothConfig, file_values, vars(args))
-    path = train_dreambooth(cfg)
-    print(f"adapter written to {path}")
+    cfg = build_config(args.config_cls, file_values, vars(args))
+    if isinstance(cfg, ControlConfig):
+        from .control import train_control as train
+    else:
+        from .dreambooth import train_dreambooth as train
+    print(f"adapter written to {train(cfg)}")

@@ -13,25 +13,21 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..atomic import atomic_write_text
+from ..control import CONTROL_KINDS
 from ..errors import EtherError
 from ..paths import default_output_dir
 
 
 @dataclass
-class DreamBoothConfig:
-    """Every setting of a DreamBooth run. Defaults follow the paper (ETHER/ETHER+ LR 6e-3, constant, batch 1)."""
+class TrainingConfig:
+    """Settings every adapter training shares: base, adapter, optimiser, precision, checkpoints, validation."""
 
-    instance_dir: str = ""
-    instance_prompt: str = ""
     output_dir: str = ""
     base: str | None = None
     method: str = "etherplus"
     n_blocks: int = 1
     sides: str | None = None
     targets: str = "attn"
-    train_text_encoder: bool = False
-    text_encoder_targets: str = "text"
-    text_encoder_lr: float | None = None
     max_steps: int = 1400
     learning_rate: float = 6e-3
     lr_scheduler: str = "constant"
@@ -46,20 +42,12 @@ class DreamBoothConfig:
     use_8bit_adam: bool = False
     resolution: int | None = None
     center_crop: bool = True
-    random_flip: bool = False
     seed: int = 0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = False
     snr_gamma: float | None = None
     noise_offset: float = 0.0
-    with_prior_preservation: bool = False
-    class_prompt: str | None = None
-    class_dir: str | None = None
-    num_class_images: int = 100
-    prior_loss_weight: float = 1.0
-    sample_batch_size: int = 4
-    class_generation_steps: int = 25
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int | None = None
     num_validation_images: int = 2
@@ -69,14 +57,14 @@ class DreamBoothConfig:
     checkpoints_total_limit: int | None = 3
     resume_from_checkpoint: str | None = None
 
+    def run_name(self) -> str:
+        """Folder name under the adapters folder when no --output-dir is given."""
+        return "adapter"
+
     def validate(self) -> None:
         """Refuse bad settings before any model is loaded."""
-        if not self.instance_dir:
-            raise EtherError("--instance-dir is required")
-        if not self.instance_prompt:
-            raise EtherError("--instance-prompt is required (e.g. 'a photo of sks dog')")
         if not self.output_dir:
-            self.output_dir = str(default_output_dir(self.instance_prompt))
+            self.output_dir = str(default_output_dir(self.run_name()))
         if self.max_steps < 1:
             raise EtherError(f"max_steps must be at least 1, got {self.max_steps}")
         if not self.learning_rate > 0:
@@ -85,12 +73,76 @@ class DreamBoothConfig:
             raise EtherError("train_batch_size and gradient_accumulation_steps must be at least 1")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise EtherError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.checkpointing_steps < 1:
+            raise EtherError(f"checkpointing_steps must be at least 1, got {self.checkpointing_steps}")
+
+
+@dataclass
+class DreamBoothConfig(TrainingConfig):
+    """A DreamBooth run. Defaults follow the paper (ETHER/ETHER+ LR 6e-3, constant, batch 1, 1400 steps)."""
+
+    instance_dir: str = ""
+    instance_prompt: str = ""
+    train_text_encoder: bool = False
+    text_encoder_targets: str = "text"
+    text_encoder_lr: float | None = None
+    random_flip: bool = False
+    with_prior_preservation: bool = False
+    class_prompt: str | None = None
+    class_dir: str | None = None
+    num_class_images: int = 100
+    prior_loss_weight: float = 1.0
+    sample_batch_size: int = 4
+    class_generation_steps: int = 25
+
+    def run_name(self) -> str:
+        return self.instance_prompt
+
+    def validate(self) -> None:
+        if not self.instance_dir:
+            raise EtherError("--instance-dir is required")
+        if not self.instance_prompt:
+            raise EtherError("--instance-prompt is required (e.g. 'a photo of sks dog')")
+        super().validate()
         if self.with_prior_preservation and not (self.class_prompt and self.class_dir):
             raise EtherError("prior preservation needs --class-prompt and --class-dir")
         if self.cache_latents and not self.center_crop:
             raise EtherError("--cache-latents needs centre crops (random crops change the latents every step)")
-        if self.checkpointing_steps < 1:
-            raise EtherError(f"checkpointing_steps must be at least 1, got {self.checkpointing_steps}")
+
+
+@dataclass
+class ControlConfig(TrainingConfig):
+    """A control run (control image → picture). Defaults follow the paper: ETHER+ on attention and
+    feed-forward layers at LR 1e-3, the control encoder at 1e-4."""
+
+    data_dir: str = ""
+    control_kind: str = "segmentation"
+    method: str = "etherplus"
+    targets: str = "attn+ff"
+    learning_rate: float = 1e-3
+    encoder_learning_rate: float = 1e-4
+    train_adapters: bool = True
+    caption_dropout: float = 0.05
+    max_steps: int = 2000
+    train_batch_size: int = 4
+    num_validation_images: int = 1
+    validation_rows: int = 4
+
+    def run_name(self) -> str:
+        return f"control-{self.control_kind}"
+
+    def validate(self) -> None:
+        if not self.data_dir:
+            raise EtherError("--data-dir is required (a folder with metadata.jsonl)")
+        super().validate()
+        if self.control_kind not in CONTROL_KINDS:
+            raise EtherError(f"control_kind must be one of {', '.join(CONTROL_KINDS)}, got {self.control_kind!r}")
+        if not self.encoder_learning_rate > 0:
+            raise EtherError(f"encoder_learning_rate must be positive, got {self.encoder_learning_rate}")
+        if not self.center_crop:
+            raise EtherError("control training uses centre crops (the control map must stay aligned with its picture)")
+        if not 0 <= self.caption_dropout < 1:
+            raise EtherError(f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
 
 
 def read_config_file(path: str | Path) -> dict:
