@@ -25,8 +25,8 @@ import time
 from pathlib import Path
 
 import torch
+from peft_methods import add_peft
 
-ATTN = ["to_q", "to_k", "to_v", "to_out.0"]
 METHODS = ["ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1", "full-attn"]
 TARGETS = {
     "ETHER step ≤ 1.05× LoRA r=4": ("ether-n1", "step_time_ratio_to_lora", 1.05),
@@ -92,13 +92,7 @@ def attach(unet, method: str) -> None:
             if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
                 module.requires_grad_(True)
         return
-    from peft import HRAConfig, LoraConfig, OFTConfig, inject_adapter_in_model
-
-    config = {"lora-r4": LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=ATTN),
-              "oft": OFTConfig(target_modules=ATTN), "hra-r1": HRAConfig(r=1, target_modules=ATTN)}[method]
-    inject_adapter_in_model(config, unet)
-    for name, p in unet.named_parameters():
-        p.requires_grad_(any(tag in name for tag in ("lora_", "oft_", "hra_")))
+    add_peft(unet, method, "attn")
 
 
 def adapter_bytes(unet, method: str) -> int:

@@ -20,37 +20,29 @@ from pathlib import Path
 
 import torch
 
+from peft_methods import add_peft
+
 from ether_diffusion.atomic import atomic_write_text
-from ether_diffusion.inject import find_targets
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.toyworld.control_data import write_control_dataset
 from ether_diffusion.toyworld.evaluate import control_fidelity
 from ether_diffusion.train import ControlConfig, train_control
 
-METHODS = {  # name → (ControlConfig overrides, PEFT LoRA rank or None)
+METHODS = {  # name → (ControlConfig overrides, PEFT method or None)
     "encoder": ({"train_adapters": False}, None),
     "ether": ({"method": "ether", "learning_rate": 1e-3}, None),
     "etherplus": ({"method": "etherplus", "learning_rate": 1e-3}, None),
-    "lora": ({"train_adapters": False, "learning_rate": 6e-4}, 4),
+    "lora": ({"train_adapters": False, "learning_rate": 6e-4}, "lora-r4"),
 }
 
 
-def add_peft_lora(unet, rank: int, targets: str) -> list[torch.nn.Parameter]:
-    """A PEFT LoRA on the same layers the ETHER runs adapt; returns its parameters."""
-    from peft import LoraConfig
-
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=find_targets(unet, targets)))
-    return [p for n, p in unet.named_parameters() if "lora_" in n]
-
-
 def run_method(name: str, data: Path, work: Path, args) -> dict:
-    overrides, lora_rank = METHODS[name]
+    overrides, peft_kind = METHODS[name]
     pipe = load_pipeline(args.base)
     cfg = ControlConfig(data_dir=str(data), output_dir=str(work / name), base=args.base, control_kind=args.kind,
                         max_steps=args.steps, train_batch_size=args.batch, cache_latents=True, seed=args.seed,
                         checkpointing_steps=args.steps, **overrides)
-    extra = add_peft_lora(pipe.unet, lora_rank, cfg.targets) if lora_rank else None
+    extra = add_peft(pipe.unet, peft_kind, cfg.targets) if peft_kind else None
     t0 = time.time()
     train_control(cfg, pipe=pipe, extra_trainable=extra)
     seconds = time.time() - t0

@@ -80,6 +80,32 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"control encoder written to {path} (a LoRA cannot hold it: load it beside; see docs/control.md)")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    import json
+
+    from .atomic import atomic_write_text
+    from .data import load_folder
+    from .evaluation import Backbones, Sample, generate_protocol, markdown_table, protocol_prompts, score
+
+    out = Path(args.out)
+    references = [ex.image for ex in load_folder(args.references, "", what="reference")]
+    if not args.images and not (args.token and args.class_word):
+        raise EtherError("to generate the protocol's pictures give --token and --class-word (or --images DIR)")
+    backbones = Backbones(args.dino, args.clip)  # first, so an unavailable backbone fails before generating
+    if args.images:
+        samples = [Sample(ex.image, ex.caption) for ex in load_folder(args.images, "", what="generated images")]
+    else:
+        prompts = protocol_prompts(args.token, args.class_word, args.live, args.prompts)
+        pipe = _pipeline_with_adapters(args.base, args.adapter or [])
+        samples = generate_protocol(pipe, prompts, out / "images", args.images_per_prompt, args.seed, args.steps,
+                                    args.guidance)
+    report = score(samples, references, backbones, token=args.token)
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / "report.md", markdown_table(report))
+    print(markdown_table(report) + f"\nwritten {out / 'report.json'} and {out / 'report.md'}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ether-diffusion", description="Personalise diffusion models with ETHER.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -111,6 +137,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16", help="LoRA tensor dtype")
     p.add_argument("--single-file", action="store_true", help="merged: write only the UNet as one .safetensors")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("eval", help="DINO / CLIP-I / CLIP-T of generated pictures against reference photos")
+    p.add_argument("--references", required=True, help="folder of the subject's real photos")
+    p.add_argument("--images", default=None, help="score these pictures (prompt of X.png in X.txt) instead of generating")
+    p.add_argument("--adapter", action="append", help="adapter FILE[:STRENGTH] to generate with; repeatable")
+    p.add_argument("--token", default=None, help="identifier token, e.g. sks (dropped from prompts for CLIP-T)")
+    p.add_argument("--class-word", default=None, help="class noun, e.g. dog")
+    p.add_argument("--live", action="store_true", help="use the live-subject prompt list (animals) instead of objects")
+    p.add_argument("--prompts", default=None, help="JSON with 'object' / 'live' template lists ({token} {cls})")
+    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the embedded model)")
+    p.add_argument("--images-per-prompt", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0, help="first seed; each picture's seed is recorded")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT folder or hub id")
+    p.add_argument("--clip", default="ViT-L/14", help="ViT-L/14, B/32, or a CLIP folder / hub id")
+    p.add_argument("--out", required=True, help="folder for images/, report.json, report.md")
+    p.set_defaults(func=cmd_eval)
 
     from .train.cli import add_train_parser
 

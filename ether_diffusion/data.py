@@ -60,7 +60,7 @@ def load_folder(folder: str | Path, default_caption: str, what: str = "instance"
         raise EtherError(f"{what} folder not found: {folder}")
     examples = []
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() == ".txt" or path.name.startswith(".") or path.is_dir():
+        if path.suffix.lower() in (".txt", ".json") or path.name.startswith(".") or path.is_dir():  # captions, manifests
             continue
         if path.suffix.lower() not in IMAGE_SUFFIXES:
             warnings.warn(f"skipping {path}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))})",

@@ -83,3 +83,23 @@ def tiny_sdxl_pipeline(seed: int = 0):
         text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=_tokenizer(), unet=unet,
         scheduler=_scheduler("epsilon"),
     )
+
+
+def tiny_backbones(folder) -> tuple[str, str]:
+    """Randomly initialised DINO-style ViT and CLIP folders (with processors) for the evaluation plumbing."""
+    from pathlib import Path
+
+    from transformers import (CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, ViTConfig, ViTImageProcessor,
+                              ViTModel)
+
+    torch.manual_seed(0)
+    dino, clip = Path(folder) / "dino", Path(folder) / "clip"
+    vit = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, image_size=32,
+               patch_size=16)
+    ViTModel(ViTConfig(**vit), add_pooling_layer=False).save_pretrained(dino)
+    ViTImageProcessor(size={"height": 32, "width": 32}).save_pretrained(dino)
+    config = CLIPConfig(text_config=_text_config().to_dict(), vision_config=vit, projection_dim=16)
+    CLIPModel(config).save_pretrained(clip)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=_tokenizer()).save_pretrained(clip)
+    return str(dino), str(clip)

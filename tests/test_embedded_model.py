@@ -36,3 +36,9 @@ def test_demo_reduced_mode_writes_everything(tmp_path):
     assert json.loads((out / "report.json").read_text())["adapted"] == report["adapted"]
     for model in ("base", "adapted"):
         assert 0.0 <= report[model]["subject_fidelity"] <= 1.0 and report[model]["images"] == 5
+
+
+def test_short_dreambooth_run_raises_subject_fidelity_over_the_base(tmp_path):
+    settings = DemoSettings(out=str(tmp_path / "short"), max_steps=120, class_images=4, seeds=2, sampling_steps=12)
+    report = run_demo(settings)
+    assert report["adapted"]["subject_fidelity"] > report["base"]["subject_fidelity"] + 0.05, report

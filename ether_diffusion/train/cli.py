@@ -12,7 +12,7 @@ SHORT_HELP = {
     "instance_prompt": "prompt with the identifier, e.g. 'a photo of sks dog'",
     "data_dir": "folder with metadata.jsonl rows {image, conditioning_image, text} (paths relative to it)",
     "control_kind": "what the control images are: segmentation, edges, depth, pose or other",
-    "train_adapters": "train ETHER adapters with the encoder (--no-train-adapters: encoder only)",
+    "train_adapters": "train ETHER adapters (control: --no-train-adapters trains the encoder alone)",
     "output_dir": "where the adapter, checkpoints and validation images go "
                   "(default: the app's adapters folder, ~/.local/share/ether-diffusion/adapters/<name>)",
     "base": "diffusers folder or hub id (default: the embedded model)",

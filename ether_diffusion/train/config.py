@@ -28,6 +28,7 @@ class TrainingConfig:
     n_blocks: int = 1
     sides: str | None = None
     targets: str = "attn"
+    train_adapters: bool = True
     max_steps: int = 1400
     learning_rate: float = 6e-3
     lr_scheduler: str = "constant"
@@ -121,7 +122,6 @@ class ControlConfig(TrainingConfig):
     targets: str = "attn+ff"
     learning_rate: float = 1e-3
     encoder_learning_rate: float = 1e-4
-    train_adapters: bool = True
     caption_dropout: float = 0.05
     max_steps: int = 2000
     train_batch_size: int = 4

@@ -19,6 +19,7 @@ from .. import inject
 from ..adapter_file import copy_vectors, save_adapter
 from ..atomic import atomic_write, atomic_write_text
 from ..data import Example, check_resolution, load_folder
+from ..errors import EtherError
 from ..layers import AdapterConfig
 from ..pipelines import describe_base, image_grid, pipeline_components
 from .common import (
@@ -106,8 +107,14 @@ Export to a LoRA any diffusers / ComfyUI / A1111 loader reads: `ether-diffusion 
     atomic_write_text(path, text)
 
 
-def train_dreambooth(cfg: DreamBoothConfig, pipe=None) -> Path:
-    """Run a whole DreamBooth training; return the path of the written adapter file."""
+def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
+                     extra_trainable: list[torch.nn.Parameter] | None = None) -> Path | None:
+    """Run a whole DreamBooth training; return the path of the written adapter file.
+
+    `extra_trainable`: further parameters of `pipe` trained at the UNet learning rate and not saved (the
+    benchmarks train PEFT LoRA / OFT this way, in the same loop). With `train_adapters=False` they are all
+    that is trained, nothing is written but the checkpoints' optimiser state, and None is returned.
+    """
     cfg.validate()
     AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides, targets=cfg.targets)  # checks early
     if cfg.resolution is not None:
@@ -123,8 +130,14 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None) -> Path:
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
     components = pipeline_components(pipe)
     unet_cfg = AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides, targets=cfg.targets)
-    inject.add_adapter(pipe.unet, ADAPTER_NAME, unet_cfg)
-    groups = [{"params": inject.trainable_parameters(pipe.unet), "lr": cfg.learning_rate}]
+    groups = []
+    if cfg.train_adapters:
+        inject.add_adapter(pipe.unet, ADAPTER_NAME, unet_cfg)
+        groups.append({"params": inject.trainable_parameters(pipe.unet), "lr": cfg.learning_rate})
+    elif not extra_trainable:
+        raise EtherError("nothing to train: train_adapters is off and no extra parameters were given")
+    if extra_trainable:
+        groups.append({"params": [p.requires_grad_(True) for p in extra_trainable], "lr": cfg.learning_rate})
     text_models = [m for n, m in components.items() if n.startswith("text_encoder")]
     for model in text_models:
         model.requires_grad_(False)
@@ -142,7 +155,9 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None) -> Path:
     optimizer = make_optimizer(groups, cfg)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)
 
-    def write_adapter(path: Path, steps: int) -> Path:
+    def write_adapter(path: Path, steps: int) -> Path | None:
+        if not cfg.train_adapters:
+            return None  # only the caller's extra parameters were trained; the caller keeps them
         info = {"instance_prompt": cfg.instance_prompt, "trigger": _trigger(cfg.instance_prompt, cfg.class_prompt),
                 "class_prompt": cfg.class_prompt, "base_model": describe_base(cfg.base),
                 "training": {"steps": steps, "learning_rate": cfg.learning_rate, "resolution": resolution,
@@ -188,10 +203,11 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None) -> Path:
         cfg, accelerator, params, optimizer, lr_scheduler, start_step, output_dir, micro_loss, write_adapter,
         lambda step: run_validation(pipe, cfg, output_dir, step, accelerator))
 
-    final = output_dir / ADAPTER_FILE
+    final = output_dir / ADAPTER_FILE if cfg.train_adapters else None
     if accelerator.is_main_process:
-        write_adapter(final, cfg.max_steps)
-        write_model_card(output_dir / "README.md", cfg, n_params, cfg.max_steps, validation_images)
+        if final is not None:
+            write_adapter(final, cfg.max_steps)
+            write_model_card(output_dir / "README.md", cfg, n_params, cfg.max_steps, validation_images)
         atomic_write_text(output_dir / "training_summary.json", json.dumps(
             {"steps": cfg.max_steps, "resumed_from_step": start_step, "final_loss": loss_value,
              "seconds": round(seconds, 2), "trainable_parameters": n_params, "processes": world}, indent=2))
