@@ -41,7 +41,7 @@ def run_method(name: str, data: Path, work: Path, args) -> dict:
     pipe = load_pipeline(args.base)
     cfg = ControlConfig(data_dir=str(data), output_dir=str(work / name), base=args.base, control_kind=args.kind,
                         max_steps=args.steps, train_batch_size=args.batch, cache_latents=True, seed=args.seed,
-                        checkpointing_steps=args.steps, **overrides)
+                        checkpointing_steps=args.steps, encoder_learning_rate=args.encoder_lr, **overrides)
     extra = add_peft(pipe.unet, peft_kind, cfg.targets) if peft_kind else None
     t0 = time.time()
     train_control(cfg, pipe=pipe, extra_trainable=extra)
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rows", type=int, default=2000, help="rendered training pairs")
     ap.add_argument("--steps", type=int, default=600)
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--encoder-lr", type=float, default=1e-4, help="the control encoder's learning rate (paper: 1e-4)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eval-n", type=int, default=96)
     ap.add_argument("--eval-seed", type=int, default=4321)

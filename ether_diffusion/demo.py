@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_text
 from .errors import EtherError
-from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline
+from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
 from .toyworld import checker, world
 from .toyworld.evaluate import prompt_fidelity, subject_prompts
 from .train import DreamBoothConfig, train_dreambooth
@@ -32,6 +32,7 @@ class DemoSettings:
     subject: str = "striped-circle"
     token: str = "sks"
     method: str = "etherplus"
+    train_text_encoder: bool = True  # the identifier's colour lives in the text encoder: adapt it too
     instance_images: int = 5
     class_images: int = 16
     max_steps: int = 300
@@ -109,6 +110,7 @@ def run_demo(settings: DemoSettings) -> dict:
     cfg = DreamBoothConfig(
         instance_dir=str(out / "instance"), instance_prompt=f"a {settings.token} {shape} on a white background",
         output_dir=str(out), base=settings.base, method=settings.method, max_steps=settings.max_steps,
+        train_text_encoder=settings.train_text_encoder,
         learning_rate=settings.learning_rate, seed=settings.seed, with_prior_preservation=True,
         class_prompt=f"a {shape} on a white background", class_dir=str(out / "class"),
         num_class_images=settings.class_images, sample_batch_size=8, class_generation_steps=settings.sampling_steps,
@@ -130,7 +132,7 @@ def run_demo(settings: DemoSettings) -> dict:
     report = {
         "subject": settings.subject, "method": settings.method, "instance_prompt": cfg.instance_prompt,
         "prompts": [p.text for p in subject_prompts(settings.token, settings.subject)],
-        "base": base_scores, "adapted": adapted_scores, "trainable_parameters": count_parameters(pipe.unet),
+        "base": base_scores, "adapted": adapted_scores, "trainable_parameters": sum(count_parameters(m) for m in pipeline_components(pipe).values()),
         "adapter": str(adapter_path), "seconds": {k: round(v, 1) for k, v in times.items()},
         "settings": asdict(settings),
     }
@@ -145,6 +147,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
     p.add_argument("--subject", default=defaults.subject, choices=list(world.SUBJECTS))
     p.add_argument("--method", default=defaults.method, choices=["ether", "etherplus"])
+    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=defaults.train_text_encoder,
+                   help="also adapt the text encoder's attention (default: on)")
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     p.add_argument("--class-images", type=int, default=defaults.class_images)
@@ -156,6 +160,7 @@ def add_demo_parser(sub) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> None:
     settings = DemoSettings(out=args.out, base=args.base, subject=args.subject, method=args.method,
+                            train_text_encoder=args.train_text_encoder,
                             max_steps=args.max_steps, learning_rate=args.learning_rate,
                             class_images=args.class_images, seeds=args.seeds, sampling_steps=args.sampling_steps)
     report = run_demo(settings)

@@ -16,6 +16,7 @@ import copy
 import math
 import json
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -229,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     pipe.to(torch.float16).save_pretrained(out / "pipeline")
     atomic_write_text(out / "pipeline" / "TRAINING.json", json.dumps(
-        {"command": "python -m ether_diffusion.toyworld.train_base " + " ".join(argv or []), "args": {
+        {"command": "python -m ether_diffusion.toyworld.train_base " + " ".join(sys.argv[1:] if argv is None else argv), "args": {
             k: str(v) for k, v in vars(args).items()}, "steps": args.unet_steps, "vae_recon_mse": vae_mse}, indent=2))
     print(f"saved {out / 'pipeline'}")
 
