@@ -3,8 +3,8 @@
     python benchmarks/control_fidelity.py --kind segmentation --out docs/benchmarks/control-fidelity-segmentation.json
 
 Trains, on the embedded base model, with the same rendered pairs, seeds and step budget: the control encoder
-alone, encoder + ETHER, encoder + ETHER+ (both on attn+ff, LR 1e-3, encoder LR 1e-4) and encoder + PEFT LoRA r=4
-on the same layers (trained in the same loop). Each is scored on held-out scenes by the toy-world checker:
+alone, encoder + ETHER, encoder + ETHER+ (both on attn+ff, LR 1e-3) and encoder + PEFT LoRA r=4 (LR 6e-4) on the
+same layers (trained in the same loop); the encoder's LR is the same for all (`--encoder-lr`, paper 1e-4). Each is scored on held-out scenes by the toy-world checker:
 IoU between the map's object and the object found in the picture, and caption attribute accuracy. The base
 model without control is scored too, as the floor.
 """
