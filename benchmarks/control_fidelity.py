@@ -36,29 +36,45 @@ METHODS = {  # name → (ControlConfig overrides, PEFT method or None)
 }
 
 
-def run_method(name: str, data: Path, work: Path, args) -> dict:
+def parse_method(spec: str) -> tuple[str, float | None]:
+    """`etherplus` or `etherplus@1e-2`: a method, optionally with the adapters' learning rate."""
+    name, _, lr = spec.partition("@")
+    if name not in METHODS:
+        raise SystemExit(f"unknown method {name!r}; choose from {', '.join(METHODS)}")
+    return name, float(lr) if lr else None
+
+
+def run_method(spec: str, data: Path, work: Path, args) -> dict:
+    name, lr = parse_method(spec)
     overrides, peft_kind = METHODS[name]
+    overrides = {**overrides, "n_blocks": args.n_blocks} if name.startswith("ether") else dict(overrides)
+    if lr is not None:
+        overrides["learning_rate"] = lr
     pipe = load_pipeline(args.base)
-    cfg = ControlConfig(data_dir=str(data), output_dir=str(work / name), base=args.base, control_kind=args.kind,
+    cfg = ControlConfig(data_dir=str(data), output_dir=str(work / spec), base=args.base, control_kind=args.kind,
                         max_steps=args.steps, train_batch_size=args.batch, cache_latents=True, seed=args.seed,
                         checkpointing_steps=args.steps, encoder_learning_rate=args.encoder_lr, **overrides)
     extra = add_peft(pipe.unet, peft_kind, cfg.targets) if peft_kind else None
     t0 = time.time()
     train_control(cfg, pipe=pipe, extra_trainable=extra)
     seconds = time.time() - t0
-    summary = json.loads((work / name / "training_summary.json").read_text())
+    summary = json.loads((work / spec / "training_summary.json").read_text())
     trainable = summary["trainable_parameters"] + (sum(p.numel() for p in extra) if extra else 0)
     pipe.unet.eval()
     with torch.no_grad():
         scores = control_fidelity(pipe, args.kind, args.eval_n, args.eval_seed, steps=args.eval_steps)
-    return {"method": name, "trainable_params": trainable, "encoder_params": summary["encoder_parameters"],
+    return {"method": spec, "learning_rate": None if name == "encoder" else overrides["learning_rate"],
+            "trainable_params": trainable, "encoder_params": summary["encoder_parameters"],
             "train_seconds": round(seconds, 1), "final_loss": summary["final_loss"], **scores}
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", choices=["segmentation", "edges"], default="segmentation")
-    ap.add_argument("--methods", default="encoder,ether,etherplus,lora")
+    ap.add_argument("--methods", default="encoder,ether,etherplus,lora",
+                    help="comma-separated; NAME@LR sets the adapters' learning rate, e.g. etherplus@1e-2")
+    ap.add_argument("--n-blocks", type=int, default=1, help="ETHER / ETHER+ diagonal blocks")
+    ap.add_argument("--skip-base", action="store_true", help="do not score the base model without control")
     ap.add_argument("--base", default=None)
     ap.add_argument("--rows", type=int, default=2000, help="rendered training pairs")
     ap.add_argument("--steps", type=int, default=600)
@@ -75,10 +91,11 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         write_control_dataset(data, args.kind, args.rows, seed=args.seed)
-        base = load_pipeline(args.base)
-        rows.append({"method": "base (no control)", "trainable_params": 0, **control_fidelity(
-            base, args.kind, args.eval_n, args.eval_seed, steps=args.eval_steps)})
-        del base
+        if not args.skip_base:
+            base = load_pipeline(args.base)
+            rows.append({"method": "base (no control)", "trainable_params": 0, **control_fidelity(
+                base, args.kind, args.eval_n, args.eval_seed, steps=args.eval_steps)})
+            del base
         for name in args.methods.split(","):
             rows.append(run_method(name, data, Path(tmp), args))
             print(json.dumps(rows[-1]), flush=True)

@@ -80,6 +80,21 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"control encoder written to {path} (a LoRA cannot hold it: load it beside; see docs/control.md)")
 
 
+def _lpips_model(choice: str):
+    """`none`, a folder (missing files: an error) or `auto` (the usual download places; skipped if absent)."""
+    from .lpips import Lpips, locate
+
+    if choice == "none":
+        return None
+    try:
+        return Lpips.from_files(*locate(None if choice == "auto" else choice))
+    except EtherError as exc:
+        if choice != "auto":
+            raise
+        print(f"LPIPS diversity skipped: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_eval(args: argparse.Namespace) -> None:
     import json
 
@@ -92,6 +107,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if not args.images and not (args.token and args.class_word):
         raise EtherError("to generate the protocol's pictures give --token and --class-word (or --images DIR)")
     backbones = Backbones(args.dino, args.clip)  # first, so an unavailable backbone fails before generating
+    lpips = _lpips_model(args.lpips)
     if args.images:
         samples = [Sample(ex.image, ex.caption) for ex in load_folder(args.images, "", what="generated images")]
     else:
@@ -99,7 +115,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         pipe = _pipeline_with_adapters(args.base, args.adapter or [])
         samples = generate_protocol(pipe, prompts, out / "images", args.images_per_prompt, args.seed, args.steps,
                                     args.guidance)
-    report = score(samples, references, backbones, token=args.token)
+    report = score(samples, references, backbones, token=args.token, lpips=lpips)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "report.json", json.dumps(report, indent=2))
     atomic_write_text(out / "report.md", markdown_table(report))
@@ -153,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--dino", default="facebook/dino-vits16", help="DINO ViT folder or hub id")
     p.add_argument("--clip", default="ViT-L/14", help="ViT-L/14, B/32, or a CLIP folder / hub id")
+    p.add_argument("--lpips", default="auto", help="folder with alexnet-owt-7be5be79.pth and lpips' alex.pth; "
+                   "auto: torch hub's cache + the installed lpips package, skipped if absent; none")
     p.add_argument("--out", required=True, help="folder for images/, report.json, report.md")
     p.set_defaults(func=cmd_eval)
 

@@ -1,10 +1,12 @@
-"""Subject-driven generation metrics, the DreamBooth protocol: DINO, CLIP-I and CLIP-T.
+"""Subject-driven generation metrics, the DreamBooth protocol: DINO, CLIP-I, CLIP-T and LPIPS diversity.
 
 - DINO: cosine similarity between the CLS embeddings (a DINO ViT, default ViT-S/16) of each generated picture
   and each reference photo of the subject, averaged over all pairs (subject fidelity, sensitive to detail).
 - CLIP-I: the same with CLIP image embeddings.
 - CLIP-T: cosine similarity between each generated picture and its prompt in CLIP space, the identifier token
   removed (prompt fidelity).
+- LPIPS diversity: mean LPIPS between pictures of the same prompt (`ether_diffusion.lpips`); low values mean
+  the adapter draws one picture whatever the seed (overfitting).
 
 The protocol: the 25 DreamBooth prompt templates (objects or live subjects, `datasets/dreambooth_prompts.json`),
 4 pictures per prompt, each with a recorded seed. Backbones come from local folders or hub ids the user passes;
@@ -115,8 +117,11 @@ class Backbones:
 
 
 def score(samples: list[Sample], references: list[Image.Image], backbones: Backbones,
-          token: str | None = None) -> dict:
-    """DINO, CLIP-I (mean over generated × reference pairs) and CLIP-T (mean over generated pictures)."""
+          token: str | None = None, lpips=None) -> dict:
+    """DINO, CLIP-I (mean over generated × reference pairs), CLIP-T (mean over generated pictures) and, given an
+    `ether_diffusion.lpips.Lpips`, LPIPS diversity (None without one)."""
+    from .lpips import diversity
+
     if not samples or not references:
         raise EtherError("scoring needs at least one generated picture and one reference picture")
     images = [s.image for s in samples]
@@ -126,11 +131,14 @@ def score(samples: list[Sample], references: list[Image.Image], backbones: Backb
     texts = [" ".join(w for w in s.prompt.split() if w != token) for s in samples]
     clip_t = (clip_gen * backbones.clip_text_embed(texts)).sum(-1)
     return {"dino": float(dino.mean()), "clip_i": float(clip_i.mean()), "clip_t": float(clip_t.mean()),
+            "lpips_diversity": diversity(lpips, images, [s.prompt for s in samples]) if lpips else None,
             "generated": len(samples), "references": len(references), "backbones": backbones.names}
 
 
 def markdown_table(report: dict) -> str:
-    return ("| DINO | CLIP-I | CLIP-T | pictures | references |\n|---|---|---|---|---|\n"
-            f"| {report['dino']:.3f} | {report['clip_i']:.3f} | {report['clip_t']:.3f} | {report['generated']} | "
+    div = report.get("lpips_diversity")
+    return ("| DINO | CLIP-I | CLIP-T | LPIPS diversity | pictures | references |\n|---|---|---|---|---|---|\n"
+            f"| {report['dino']:.3f} | {report['clip_i']:.3f} | {report['clip_t']:.3f} | "
+            f"{'n/a' if div is None else f'{div:.3f}'} | {report['generated']} | "
             f"{report['references']} |\n\nBackbones: DINO `{report['backbones']['dino']}`, CLIP "
             f"`{report['backbones']['clip']}`.\n")

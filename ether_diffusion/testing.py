@@ -103,3 +103,24 @@ def tiny_backbones(folder) -> tuple[str, str]:
     CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
                   tokenizer=_tokenizer()).save_pretrained(clip)
     return str(dino), str(clip)
+
+
+def random_lpips_weights(folder) -> tuple[dict, dict]:
+    """LPIPS weight files in the published layouts (torchvision's AlexNet checkpoint with a classifier part the
+    loader must ignore, lpips' linear heads) holding random values; returns both state dicts."""
+    from pathlib import Path
+
+    from .lpips import ALEXNET_FILE, CHANNELS, HEADS_FILE, alexnet_features
+
+    g = torch.Generator().manual_seed(0)
+    trunk = {}
+    for key, value in alexnet_features().state_dict().items():
+        scale = 0.1 if key.endswith("bias") else value[0].numel() ** -0.5
+        trunk[f"features.{key}"] = torch.randn(value.shape, generator=g) * scale
+    trunk["classifier.1.weight"] = torch.randn(8, 9216, generator=g)
+    heads = {f"lin{i}.model.1.weight": torch.rand(1, c, 1, 1, generator=g) for i, c in enumerate(CHANNELS)}
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save(trunk, folder / ALEXNET_FILE)
+    torch.save(heads, folder / HEADS_FILE)
+    return trunk, heads

@@ -9,7 +9,8 @@ from PIL import Image
 
 from ether_diffusion.cli import main as cli_main
 from ether_diffusion.evaluation import Backbones, Sample, protocol_prompts, score
-from ether_diffusion.testing import tiny_backbones, tiny_sd_pipeline
+from ether_diffusion.lpips import Lpips, diversity, locate
+from ether_diffusion.testing import random_lpips_weights, tiny_backbones, tiny_sd_pipeline
 from ether_diffusion.toyworld import world
 
 
@@ -70,7 +71,8 @@ def test_scores_match_a_direct_computation(backbones_dirs):
     assert identical["dino"] == pytest.approx(1.0, abs=1e-5) and identical["clip_i"] == pytest.approx(1.0, abs=1e-5)
 
 
-def test_cli_generates_with_recorded_seeds_and_scores(backbones_dirs, tmp_path):
+def test_cli_generates_with_recorded_seeds_and_scores(backbones_dirs, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))  # `--lpips auto` finds nothing there
     dino_dir, clip_dir = backbones_dirs
     refs = tmp_path / "refs"
     refs.mkdir()
@@ -89,12 +91,21 @@ def test_cli_generates_with_recorded_seeds_and_scores(backbones_dirs, tmp_path):
     assert manifest[2]["prompt"] == "a red sks circle" and (out / "images" / manifest[2]["file"]).is_file()
     report = json.loads((out / "report.json").read_text())
     assert report["generated"] == 4 and -1 <= report["dino"] <= 1 and "| DINO |" in (out / "report.md").read_text()
-    again = tmp_path / "again"
+    assert report["lpips_diversity"] is None and "LPIPS diversity skipped" in capsys.readouterr().err
+    again, lpips_dir = tmp_path / "again", tmp_path / "lpips"
+    random_lpips_weights(lpips_dir)
     assert cli_main(["eval", "--references", str(refs), "--images", str(out / "images"), "--token", "sks",
-                     "--dino", dino_dir, "--clip", clip_dir, "--out", str(again)]) == 0
+                     "--dino", dino_dir, "--clip", clip_dir, "--lpips", str(lpips_dir), "--out", str(again)]) == 0
     rescored = json.loads((again / "report.json").read_text())
     for key in ("dino", "clip_i", "clip_t"):
         assert rescored[key] == pytest.approx(report[key], abs=1e-5)
+    model = Lpips.from_files(*locate(lpips_dir))
+    pictures = [Image.open(out / "images" / m["file"]) for m in manifest]
+    expected = diversity(model, pictures, [m["prompt"] for m in manifest])
+    assert expected > 0 and rescored["lpips_diversity"] == pytest.approx(expected, rel=1e-5)
+    assert cli_main(["eval", "--references", str(refs), "--images", str(out / "images"), "--dino", dino_dir,
+                     "--clip", clip_dir, "--lpips", str(tmp_path / "nowhere"), "--out", str(again)]) == 2
+    assert "LPIPS weights not found" in capsys.readouterr().err
 
 
 def test_unavailable_backbone_is_one_clear_error(tmp_path, capsys, monkeypatch):
