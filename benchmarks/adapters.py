@@ -27,6 +27,8 @@ from pathlib import Path
 import torch
 from peft_methods import add_peft
 
+from ether_diffusion.atomic import atomic_write_text
+
 METHODS = ["ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1", "full-attn"]
 TARGETS = {
     "ETHER step ≤ 1.05× LoRA r=4": ("ether-n1", "step_time_ratio_to_lora", 1.05),
@@ -159,7 +161,7 @@ def worker(args) -> dict:
         row["merged_inference_s"] = timed(forward, args.repeats, 1, device)
     row["unmerged_inference_ratio_to_base"] = row["unmerged_inference_s"] / base_inference
     row["merged_inference_ratio_to_base"] = row["merged_inference_s"] / base_inference
-    if args.method.startswith("ether"):
+    if args.method in args.routing.split(","):
         row.update(routing(unet, args, x, t, ctx))
     return row
 
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--training-only", action="store_true", help="skip inference and multi-adapter serving timings")
+    ap.add_argument("--routing", default=None, help="ETHER methods that also time 8 routed adapters "
+                    "(default: all ETHER rows with --quick, ether-n1,etherplus-n1 otherwise)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
@@ -210,6 +214,9 @@ def main(argv: list[str] | None = None) -> None:
     args.shape = args.shape or ("quick" if args.quick else "sd15")
     args.latent = args.latent or (16 if args.shape == "quick" else 32)
     args.repeats = args.repeats or (5 if args.shape == "quick" else 3)
+    if args.routing is None:
+        ether_rows = [m for m in METHODS if m.startswith("ether")]
+        args.routing = ",".join(ether_rows if args.shape == "quick" else ["ether-n1", "etherplus-n1"])
     if args.worker:
         args.method = args.worker
         print(json.dumps(worker(args)))
@@ -217,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for method in args.methods.split(","):
         cmd = [sys.executable, __file__, "--worker", method, "--shape", args.shape, "--device", args.device,
-               "--dtype", args.dtype, "--latent", str(args.latent), "--repeats", str(args.repeats)]
+               "--dtype", args.dtype, "--latent", str(args.latent), "--repeats", str(args.repeats),
+               "--routing", args.routing]
         cmd += ["--training-only"] if args.training_only else []
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode != 0:
@@ -253,10 +261,11 @@ def main(argv: list[str] | None = None) -> None:
         else:
             print(f"  [{'met' if t['met'] else 'MISSED'}] {label}: {t['value']:.3f}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"shape": args.shape, "latent": args.latent, "device": args.device,
-                                        "dtype": args.dtype, "threads": torch.get_num_threads(),
-                                        "repeats": args.repeats, "rows": rows, "targets": targets}, indent=2))
+        report = {"shape": args.shape, "latent": args.latent, "device": args.device, "dtype": args.dtype,
+                  "threads": torch.get_num_threads(), "repeats": args.repeats,
+                  "command": "python benchmarks/adapters.py " + " ".join(sys.argv[1:]), "rows": rows,
+                  "targets": targets}
+        atomic_write_text(args.out, json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

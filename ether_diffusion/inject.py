@@ -84,7 +84,8 @@ def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def add_adapter(model: nn.Module, name: str, config: AdapterConfig, layer_names: list[str] | None = None) -> list[str]:
-    """Add adapter `name` to every targeted layer of `model`; freeze everything but adapter vectors.
+    """Add adapter `name` to every targeted layer of `model`; freeze everything but the new adapter's vectors
+    (adapters already there are frozen too, so training the new one never moves them).
 
     `layer_names` overrides the targets (used when loading a file, which lists its layers). Returns the names of
     the adapted layers. Nothing is changed when any layer is incompatible.
@@ -102,10 +103,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig, layer_names:
             raise EtherError(f"an adapter named {name!r} already exists on {layer_name}")
     model.requires_grad_(False)
     for layer_name in names:
-        _wrap(model, layer_name).add_adapter(name, config, layer_name)
-    for _, layer in ether_layers(model):
-        for adapter in layer.ether_adapters.values():
-            adapter.requires_grad_(True)
+        _wrap(model, layer_name).add_adapter(name, config, layer_name).requires_grad_(True)
     return names
 
 

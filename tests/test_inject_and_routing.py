@@ -36,6 +36,15 @@ def test_sd15_parameter_counts_match_the_paper(method, expected):
     assert sum(p.numel() for p in unet.parameters() if p.requires_grad) == expected
 
 
+def test_only_the_newest_adapter_is_trainable():
+    unet = sd15_unet_on_meta()
+    add_adapter(unet, "subject", AdapterConfig(method="ether", targets="attn"))
+    add_adapter(unet, "style", AdapterConfig(method="etherplus", targets="attn"))
+    trainable = {n for n, p in unet.named_parameters() if p.requires_grad}
+    assert trainable and all(".style." in n for n in trainable)
+    assert sum(p.numel() for n, p in unet.named_parameters() if n in trainable) == count_parameters(unet, "style")
+
+
 def test_presets_on_unet_controlnet_and_clip(tiny_pipe):
     from diffusers import ControlNetModel
 
