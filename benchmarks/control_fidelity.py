@@ -1,12 +1,16 @@
 """Control fidelity on the toy world: how closely generated pictures follow a segmentation / edge map.
 
     python benchmarks/control_fidelity.py --kind segmentation --out docs/benchmarks/control-fidelity-segmentation.json
+    python benchmarks/control_fidelity.py ... --methods encoder,etherplus@1e-2 --out a.json   # NAME@LR: adapter LR
+    python benchmarks/control_fidelity.py --merge a.json b.json --out both.json   # runs made in parallel
 
 Trains, on the embedded base model, with the same rendered pairs, seeds and step budget: the control encoder
-alone, encoder + ETHER, encoder + ETHER+ (both on attn+ff, LR 1e-3) and encoder + PEFT LoRA r=4 (LR 6e-4) on the
-same layers (trained in the same loop); the encoder's LR is the same for all (`--encoder-lr`, paper 1e-4). Each is scored on held-out scenes by the toy-world checker:
-IoU between the map's object and the object found in the picture, and caption attribute accuracy. The base
-model without control is scored too, as the floor.
+alone, encoder + ETHER, encoder + ETHER+ (both on attn+ff, LR 1e-3 unless NAME@LR) and encoder + PEFT LoRA r=4
+(LR 6e-4) on the same layers (trained in the same loop); the encoder's LR is the same for all (`--encoder-lr`,
+paper 1e-4). Each is scored on the same held-out scenes and seeds by the toy-world checker: IoU between the
+map's object and the object found in the picture, and caption attribute accuracy; every row's per-scene IoU
+gain over the encoder-only row comes with a bootstrap 95% interval. The base model without control is scored
+too, as the floor.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from peft_methods import add_peft
@@ -68,6 +73,46 @@ def run_method(spec: str, data: Path, work: Path, args) -> dict:
             "train_seconds": round(seconds, 1), "final_loss": summary["final_loss"], **scores}
 
 
+def paired_gain(row: dict, reference: dict, resamples: int = 10_000) -> dict:
+    """Per-scene IoU gain of `row` over `reference` (same scenes, same seeds): mean, bootstrap 95% interval,
+    and the share of scenes where it is higher / lower."""
+    gain = np.array(row["per_scene_iou"]) - np.array(reference["per_scene_iou"])
+    means = gain[np.random.default_rng(0).integers(0, len(gain), (resamples, len(gain)))].mean(1)
+    return {"vs": reference["method"], "mean": float(gain.mean()),
+            "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))],
+            "scenes_higher": float((gain > 0).mean()), "scenes_lower": float((gain < 0).mean())}
+
+
+def report(rows: list[dict], settings: dict, out: Path) -> None:
+    """Add each row's paired gain over the encoder-only row, print the table, write the JSON."""
+    encoder = next((r for r in rows if r["method"] == "encoder" and "per_scene_iou" in r), None)
+    for r in rows:
+        if encoder and r is not encoder and "per_scene_iou" in r:
+            r["iou_gain_vs_encoder"] = paired_gain(r, encoder)
+    atomic_write_text(out, json.dumps({"kind": settings["kind"], "command": "python benchmarks/control_fidelity.py "
+                                       + " ".join(sys.argv[1:]), "settings": settings, "rows": rows}, indent=2))
+    print(f"\n{'method':<20}{'trainable':>11}{'IoU':>7}{'IoU>0.5':>9}{'bg':>6}{'colour':>8}{'shape':>7}"
+          f"  gain over encoder [95% CI]")
+    for r in rows:
+        a, g = r["accuracy"], r.get("iou_gain_vs_encoder")
+        gain = f"  {g['mean']:+.3f} [{g['ci95'][0]:+.3f}, {g['ci95'][1]:+.3f}]" if g else ""
+        print(f"{r['method']:<20}{r['trainable_params']:>11,}{r['mean_iou']:>7.3f}{r['iou_over_0.5']:>9.2f}"
+              f"{a['background']:>6.2f}{a['colour']:>8.2f}{a['shape']:>7.2f}{gain}")
+    print(f"written {out}")
+
+
+def merge(files: list[Path]) -> tuple[list[dict], dict]:
+    """Rows of runs made in parallel with the same data, budget and held-out scenes (checked)."""
+    same = ("kind", "rows", "steps", "batch", "encoder_lr", "seed", "eval_n", "eval_seed", "eval_steps", "base")
+    runs = [json.loads(f.read_text()) for f in files]
+    for f, run in zip(files[1:], runs[1:]):
+        differ = [k for k in same if run["settings"].get(k) != runs[0]["settings"].get(k)]
+        if differ:
+            raise SystemExit(f"{f} was run with other settings ({', '.join(differ)}) than {files[0]}")
+    rows = {r["method"]: r for run in runs for r in run["rows"]}
+    return list(rows.values()), {**runs[0]["settings"], "merged_from": [str(f) for f in files]}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--kind", choices=["segmentation", "edges"], default="segmentation")
@@ -85,7 +130,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-seed", type=int, default=4321)
     ap.add_argument("--eval-steps", type=int, default=20)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--merge", type=Path, nargs="+", default=None,
+                    help="combine the JSON of runs made in parallel (same settings) into --out; trains nothing")
     args = ap.parse_args(argv)
+    if args.merge:
+        report(*merge(args.merge), args.out)
+        return
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,15 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         for name in args.methods.split(","):
             rows.append(run_method(name, data, Path(tmp), args))
             print(json.dumps(rows[-1]), flush=True)
-    report = {"kind": args.kind, "command": "python benchmarks/control_fidelity.py " + " ".join(sys.argv[1:]),
-              "settings": {k: str(v) for k, v in vars(args).items()}, "rows": rows}
-    atomic_write_text(args.out, json.dumps(report, indent=2))
-    print(f"\n{'method':<20}{'trainable':>11}{'IoU':>7}{'IoU>0.5':>9}{'bg':>6}{'colour':>8}{'shape':>7}")
-    for r in rows:
-        a = r["accuracy"]
-        print(f"{r['method']:<20}{r['trainable_params']:>11,}{r['mean_iou']:>7.3f}{r['iou_over_0.5']:>9.2f}"
-              f"{a['background']:>6.2f}{a['colour']:>8.2f}{a['shape']:>7.2f}")
-    print(f"written {args.out}")
+    report(rows, {k: str(v) for k, v in vars(args).items()}, args.out)
 
 
 if __name__ == "__main__":

@@ -97,7 +97,7 @@ def control_fidelity(pipe, kind: str, n: int, seed: int, steps: int = 20, guidan
                     hits[k] += v
     return {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "mean_iou": float(np.mean(ious)),
             "iou_over_0.5": float(np.mean([v > 0.5 for v in ious])),
-            "accuracy": {k: v / n for k, v in hits.items()}}
+            "accuracy": {k: v / n for k, v in hits.items()}, "per_scene_iou": [round(v, 4) for v in ious]}
 
 
 def checker_validation(n: int = 500, seed: int = 0) -> dict:
