@@ -85,8 +85,9 @@ def apply_transform(
         if vec is None or not coef:
             continue
         vec = vec.to(dtype)
-        if not routed and vec.shape[0] == 1:  # one block: a matrix-vector product, no (tokens × d) temporary
-            proj = (x @ vec[0])[..., None, None]
+        if vec.shape[-2] == 1:  # one block: a (per-sample) matrix-vector product, no (tokens × d) temporary
+            proj = (torch.einsum("b...k,bk->b...", x, vec.reshape(vec.shape[0], -1)) if routed
+                    else x @ vec[0])[..., None, None]
         else:  # (..., n, 1); measured faster than einsum's batched matmul for n > 1
             proj = (blocks * vec).sum(-1, keepdim=True)
         out = torch.addcmul(out, proj * (coef * strength), vec)  # out + c·s·(ûᵀx)·û in one pass
