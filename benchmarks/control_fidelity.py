@@ -109,8 +109,8 @@ def merge(files: list[Path]) -> tuple[list[dict], dict]:
         differ = [k for k in same if run["settings"].get(k) != runs[0]["settings"].get(k)]
         if differ:
             raise SystemExit(f"{f} was run with other settings ({', '.join(differ)}) than {files[0]}")
-    rows = {r["method"]: r for run in runs for r in run["rows"]}
-    return list(rows.values()), {**runs[0]["settings"], "merged_from": [str(f) for f in files]}
+    rows = {r["method"]: r for run in runs for r in run["rows"]}  # a later run's row replaces an earlier one
+    return list(rows.values()), {**runs[0]["settings"], "merged_runs": [run["command"] for run in runs]}
 
 
 def main(argv: list[str] | None = None) -> None:
