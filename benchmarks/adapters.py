@@ -7,8 +7,10 @@
 Every method runs in its own subprocess (so peak memory is its own) on the same config, seed and batch. Per
 method: trainable parameters, adapter file size, training step time (forward + backward + AdamW, median after
 warm-up), peak training memory over the model's resident size, inference time unmerged and merged, each inference
-time as a ratio to the same process's plain UNet. ETHER rows also time multi-adapter serving: 8 different
-adapters routed per sample in one batch of 8 vs one adapter on the same batch vs 8 sequential passes.
+time as a ratio to the same process's plain UNet (adapters switched off, timed right before, equally warm). The
+`backward-floor` row trains only `conv_in`'s bias: the frozen UNet's forward and full backward pass, the cost
+no adapter can go below. ETHER rows also time multi-adapter serving: 8 different adapters routed per sample in
+one batch of 8 vs one adapter on the same batch vs 8 sequential passes.
 PEFT (`pip install peft`) is needed for the LoRA / OFT / HRA rows only.
 """
 
@@ -29,7 +31,8 @@ from peft_methods import add_peft
 
 from ether_diffusion.atomic import atomic_write_text
 
-METHODS = ["ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1", "full-attn"]
+METHODS = ["backward-floor", "ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1",
+           "full-attn"]
 TARGETS = {
     "ETHER step ≤ 1.05× LoRA r=4": ("ether-n1", "step_time_ratio_to_lora", 1.05),
     "ETHER+ step ≤ 1.15× LoRA r=4": ("etherplus-n1", "step_time_ratio_to_lora", 1.15),
@@ -89,6 +92,9 @@ def attach(unet, method: str) -> None:
         kind, n = method.split("-n")
         add_adapter(unet, "a", AdapterConfig(method=kind, n_blocks=int(n), targets="attn"))
         return
+    if method == "backward-floor":  # one bias at the bottom: the full backward pass, (almost) no parameter work
+        unet.conv_in.bias.requires_grad_(True)
+        return
     if method == "full-attn":
         for name, module in unet.named_modules():
             if name.rsplit(".", 1)[-1] in ("to_q", "to_k", "to_v") or name.endswith("to_out.0"):
@@ -107,6 +113,20 @@ def adapter_bytes(unet, method: str) -> int:
             return save_adapter(Path(tmp) / "a.safetensors", {"unet": unet}, "a", with_weight_hash=False).stat().st_size
     tensors = {n: p.detach().cpu().contiguous() for n, p in unet.named_parameters() if p.requires_grad}
     return len(save(tensors))
+
+
+def enable(unet, method: str, on: bool) -> None:
+    """Switch the method's adapters off (the frozen base forward) or back on."""
+    if method.startswith("ether"):
+        from ether_diffusion import enable_adapters
+
+        enable_adapters(unet, on)
+    elif method not in ("full-attn", "backward-floor"):
+        from peft.tuners.tuners_utils import BaseTunerLayer
+
+        for module in unet.modules():
+            if isinstance(module, BaseTunerLayer):
+                module.enable_adapters(on)
 
 
 def merge(unet, method: str) -> None:
@@ -131,8 +151,6 @@ def worker(args) -> dict:
     t = torch.tensor([500], device=device)
     ctx = torch.randn(1, ctx_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
     forward = lambda: unet(x, t, ctx).sample  # noqa: E731
-    with torch.no_grad():
-        base_inference = timed(forward, 1 if args.training_only else args.repeats, 1, device)
     attach(unet, args.method)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
@@ -152,10 +170,13 @@ def worker(args) -> dict:
     peak = (torch.cuda.max_memory_allocated() - before) / 2**20 if device == "cuda" else peak_rss_mb() - before
     row = {"method": args.method, "trainable_params": sum(p.numel() for p in params),
            "adapter_file_bytes": adapter_bytes(unet, args.method), "step_time_s": step_time,
-           "peak_memory_mb": peak, "base_inference_s": base_inference}
+           "peak_memory_mb": peak}
     if args.training_only:
         return row
-    with torch.no_grad():
+    with torch.no_grad():  # base, unmerged, merged back to back, all after the same warm-up
+        enable(unet, args.method, False)
+        row["base_inference_s"] = base_inference = timed(forward, args.repeats, 1, device)
+        enable(unet, args.method, True)
         row["unmerged_inference_s"] = timed(forward, args.repeats, 1, device)
         merge(unet, args.method)
         row["merged_inference_s"] = timed(forward, args.repeats, 1, device)
@@ -235,7 +256,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{method}: done", flush=True)
     by = {r["method"]: r for r in rows}
     for r in rows:
-        for peer, key in (("lora-r4", "lora"), ("hra-r1", "hra"), ("oft", "oft")):
+        for peer, key in (("lora-r4", "lora"), ("hra-r1", "hra"), ("oft", "oft"), ("backward-floor", "floor")):
             if peer in by:
                 r[f"step_time_ratio_to_{key}"] = r["step_time_s"] / by[peer]["step_time_s"]
         if "lora-r4" in by:
