@@ -19,16 +19,22 @@ from pathlib import Path
 
 import torch
 
-from ether_diffusion.lpips import HEADS_FILE, Lpips, alexnet_features, locate, to_tensor
+from ether_diffusion.lpips import HEADS_FILE, Lpips, locate, to_tensor
 from ether_diffusion.testing import random_lpips_weights
 from ether_diffusion.toyworld import world
 
 
-def reference_package(trunk_features: torch.nn.Module):
-    """Import `lpips` with torchvision's AlexNet replaced by `trunk_features` and its scipy-only trainer stubbed."""
+def package_dir() -> Path:
+    """Where the installed `lpips` package lives, found without importing it."""
     spec = importlib.util.find_spec("lpips")
-    if spec is None:
+    if spec is None or spec.origin is None:
         raise SystemExit("the lpips package is not installed: pip install --no-deps lpips==0.1.4")
+    return Path(spec.origin).parent
+
+
+def reference_lpips(trunk_features: torch.nn.Module):
+    """The package's LPIPS with torchvision's AlexNet replaced by `trunk_features` and its scipy-only trainer
+    stubbed."""
     tv, models = types.ModuleType("torchvision"), types.ModuleType("torchvision.models")
     models.alexnet = lambda *args, **kwargs: types.SimpleNamespace(features=trunk_features)
     tv.models = models
@@ -36,17 +42,16 @@ def reference_package(trunk_features: torch.nn.Module):
                         "lpips.trainer": types.ModuleType("lpips.trainer")})
     import lpips
 
-    return lpips.LPIPS(net="alex", version="0.1", verbose=False), Path(spec.origin).parent
+    return lpips.LPIPS(net="alex", version="0.1", verbose=False)
 
 
 def main() -> None:
+    heads = package_dir() / "weights" / "v0.1" / HEADS_FILE
     with tempfile.TemporaryDirectory() as tmp:
-        trunk, _ = random_lpips_weights(tmp)
-        features = alexnet_features()
-        features.load_state_dict({k[len("features."):]: v for k, v in trunk.items() if k.startswith("features.")})
-        reference, package = reference_package(features)
-        (Path(tmp) / HEADS_FILE).write_bytes((package / "weights" / "v0.1" / HEADS_FILE).read_bytes())
+        random_lpips_weights(tmp)
+        (Path(tmp) / HEADS_FILE).write_bytes(heads.read_bytes())  # the calibrated heads, a random trunk
         ours = Lpips.from_files(*locate(tmp))
+    reference = reference_lpips(ours.features)  # one trunk module for both sides
     rng = random.Random(3)
     pictures = [to_tensor(world.render(world.random_scene(rng))) for _ in range(16)]
     a, b = torch.cat(pictures[:8]), torch.cat(pictures[8:])

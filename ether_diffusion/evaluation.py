@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_text
 from .errors import EtherError
+from .lpips import diversity
 
 PROMPTS_FILE = Path(__file__).resolve().parents[1] / "datasets" / "dreambooth_prompts.json"
 DEFAULT_DINO = "facebook/dino-vits16"
@@ -120,8 +121,6 @@ def score(samples: list[Sample], references: list[Image.Image], backbones: Backb
           token: str | None = None, lpips=None) -> dict:
     """DINO, CLIP-I (mean over generated × reference pairs), CLIP-T (mean over generated pictures) and, given an
     `ether_diffusion.lpips.Lpips`, LPIPS diversity (None without one)."""
-    from .lpips import diversity
-
     if not samples or not references:
         raise EtherError("scoring needs at least one generated picture and one reference picture")
     images = [s.image for s in samples]

@@ -71,19 +71,17 @@ class Lpips(nn.Module):
         return model
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        fa, fb = self._layers((a - self.shift) / self.scale), self._layers((b - self.shift) / self.scale)
         total = 0
-        for head, x, y in zip(self.heads, fa, fb):
-            x = x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10)
-            y = y / (y.square().sum(1, keepdim=True).sqrt() + 1e-10)
+        for head, x, y in zip(self.heads, self._unit_features(a), self._unit_features(b)):
             total = total + head((x - y).square()).mean((1, 2, 3))
         return total
 
-    def _layers(self, x: torch.Tensor) -> list[torch.Tensor]:
-        outs, start = [], 0
+    def _unit_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The five ReLU outputs of the scaled input, each feature vector unit length over channels."""
+        x, outs, start = (x - self.shift) / self.scale, [], 0
         for end in LAYER_ENDS:
             x = self.features[start:end](x)
-            outs.append(x)
+            outs.append(x / (x.square().sum(1, keepdim=True).sqrt() + 1e-10))
             start = end
         return outs
 
