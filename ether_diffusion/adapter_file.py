@@ -21,6 +21,7 @@ from .control import attach_control, build_encoder, control_encoders
 from .errors import AdapterFileError
 from .inject import add_adapter, adapter_modules, ether_layers
 from .layers import AdapterConfig, EtherLayer, is_adaptable, layer_sizes
+from .naming import canonical_layer_name, installed_layer_name
 
 FORMAT_NAME = "ether-diffusion-adapter"
 FORMAT_VERSION = 1
@@ -79,8 +80,15 @@ def weight_hash(model: torch.nn.Module, layer_names: list[str]) -> str:
     return h.hexdigest()[:16]
 
 
-def _layer_table(model: torch.nn.Module, name: str) -> dict[str, list[int]]:
-    return {ln: list(layer_sizes(layer.base)) for ln, layer in ether_layers(model) if name in layer.ether_adapters}
+def _layer_table(model: torch.nn.Module, comp: str, name: str) -> dict[str, list[int]]:
+    """Canonical layer name → [in, out] for every layer of `model` that holds adapter `name`."""
+    return {canonical_layer_name(comp, ln): list(layer_sizes(layer.base))
+            for ln, layer in ether_layers(model) if name in layer.ether_adapters}
+
+
+def resolve_layers(adapter: "AdapterFile", comp: str, model: torch.nn.Module) -> dict[str, str]:
+    """Installed module name → the name the file stores it under, for one component (either spelling)."""
+    return {installed_layer_name(model, comp, stored): stored for stored in adapter.components[comp]["layers"]}
 
 
 def save_adapter(
@@ -103,16 +111,17 @@ def save_adapter(
         if not adapters:
             continue
         config = next(iter(adapters.values())).config
-        layers = _layer_table(model, name)
+        layers = _layer_table(model, comp, name)
         comp_meta[comp] = {
             "config": config.to_dict(),
             "layers": layers,
             "fingerprint": layer_fingerprint(layers),
-            "weight_hash": weight_hash(model, list(layers)) if with_weight_hash else None,
+            "weight_hash": weight_hash(model, list(adapters)) if with_weight_hash else None,
         }
         for layer_name, adapter in adapters.items():
             for vec_name, p in adapter.vectors.items():
-                tensors[f"{comp}.{layer_name}.{vec_name}"] = p.detach().to("cpu", torch.float32).contiguous()
+                key = f"{comp}.{canonical_layer_name(comp, layer_name)}.{vec_name}"
+                tensors[key] = p.detach().to("cpu", torch.float32).contiguous()
     if not comp_meta and control is None:
         raise AdapterFileError(f"no adapter named {name!r} in the given models; nothing to save")
     meta = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION, "name": name, "components": comp_meta,
@@ -218,7 +227,7 @@ def check_base(adapter: AdapterFile, components: dict[str, torch.nn.Module]) -> 
         problems = []
         for layer, (in_f, out_f) in meta["layers"].items():
             try:
-                module = model.get_submodule(layer)
+                module = model.get_submodule(installed_layer_name(model, comp, layer))
             except AttributeError:
                 problems.append(f"{layer} (missing)")
                 continue
@@ -231,7 +240,7 @@ def check_base(adapter: AdapterFile, components: dict[str, torch.nn.Module]) -> 
             raise AdapterFileError(
                 f"{adapter.path} was made for another base model: {len(problems)} {comp} layer(s) do not fit, "
                 f"e.g. {'; '.join(problems[:3])}")
-        if meta.get("weight_hash") and weight_hash(model, list(meta["layers"])) != meta["weight_hash"]:
+        if meta.get("weight_hash") and weight_hash(model, list(resolve_layers(adapter, comp, model))) != meta["weight_hash"]:
             warnings.append(f"{comp}: base weights differ from those the adapter was trained on (same architecture)")
     return warnings
 
@@ -252,8 +261,9 @@ def load_adapter(
     if taken or ("unet" in components and name in control_encoders(components["unet"])):
         raise AdapterFileError(f"an adapter named {name!r} is already loaded; pass another name")
     encoder = control_encoder_from(adapter) if adapter.control is not None else None
-    for comp, meta in adapter.components.items():
-        add_adapter(components[comp], name, adapter.config(comp), layer_names=list(meta["layers"]))
+    for comp in adapter.components:
+        add_adapter(components[comp], name, adapter.config(comp),
+                    layer_names=list(resolve_layers(adapter, comp, components[comp])))
     copy_vectors(adapter, components, name)
     if encoder is not None:
         attach_control(components["unet"], name, encoder, adapter.control.get("kind", "other"))
@@ -264,9 +274,10 @@ def load_adapter(
 def copy_vectors(adapter: AdapterFile, components: dict[str, torch.nn.Module], name: str) -> None:
     """Overwrite the vectors of already-present adapter `name` with the file's values (used by resume)."""
     for comp in adapter.components:
+        stored = resolve_layers(adapter, comp, components[comp])
         for layer_name, module in adapter_modules(components[comp], name).items():
             for vec_name, p in module.vectors.items():
-                p.copy_(adapter.tensors[f"{comp}.{layer_name}.{vec_name}"])
+                p.copy_(adapter.tensors[f"{comp}.{stored[layer_name]}.{vec_name}"])
 
 
 def describe(adapter: AdapterFile) -> str:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from .errors import EtherError
 from .paths import default_adapters_dir
+from .runtime import add_device_arguments, resolve_device, resolve_dtype
 from .studio import LIMITS, SCHEDULERS, Request, Studio
 
 NONE = "(none)"
@@ -121,8 +122,12 @@ def build_app(studio: Studio, slots: int = SLOTS):
 
 
 def launch(base: str | None, adapters_dir: str | Path | None, host: str = "127.0.0.1", port: int = 7860,
-           block: bool = True):
-    """Load the base once, build the UI, start the server (queued, one request at a time)."""
+           block: bool = True, device: str = "auto", dtype: str = "auto", offload: bool = False):
+    """Load the base once, build the UI, start the server (queued, one request at a time).
+
+    `offload` keeps the models in CPU memory and moves each to the GPU only while it runs (diffusers' model CPU
+    offload), for GPUs too small to hold the whole pipeline.
+    """
     from .pipelines import load_pipeline
 
     try:
@@ -131,7 +136,13 @@ def launch(base: str | None, adapters_dir: str | Path | None, host: str = "127.0
         raise EtherError("the app needs gradio: pip install 'ether-diffusion[app]'") from None
     adapters_dir = Path(adapters_dir) if adapters_dir else default_adapters_dir()
     adapters_dir.mkdir(parents=True, exist_ok=True)
-    studio = Studio(load_pipeline(base), adapters_dir)
+    where = resolve_device(device)
+    if offload and where.type != "cuda":
+        raise EtherError("--offload moves models to a CUDA GPU while they run; it needs --device cuda (or auto on a GPU)")
+    pipe = load_pipeline(base, dtype=resolve_dtype(dtype, where), device="cpu" if offload else where)
+    if offload:
+        pipe.enable_model_cpu_offload(device=where)
+    studio = Studio(pipe, adapters_dir)
     app = build_app(studio)
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=host, server_port=port, share=False, prevent_thread_lock=not block, show_error=True)
@@ -144,5 +155,9 @@ def add_app_parser(sub) -> None:
     p.add_argument("--adapters-dir", default=None, help=f"adapter files to offer (default: {default_adapters_dir()})")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
-    p.set_defaults(func=lambda a: launch(a.base, a.adapters_dir, a.host, a.port))
+    add_device_arguments(p)
+    p.add_argument("--offload", action="store_true",
+                   help="small GPUs: keep models in CPU memory, each moved to the GPU only while it runs")
+    p.set_defaults(func=lambda a: launch(a.base, a.adapters_dir, a.host, a.port, device=a.device, dtype=a.dtype,
+                                         offload=a.offload))
 

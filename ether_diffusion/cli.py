@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from .errors import EtherError
+from .runtime import DEVICES, DTYPES, add_device_arguments, device_and_dtype, resolve_device
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -30,7 +31,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         hint = read_image(Path(args.control_image)) if Path(args.control_image).is_file() else None
         if hint is None:
             raise EtherError(f"control image not found or not readable: {args.control_image}")
-    pipe = _pipeline_with_adapters(args.base, args.adapter or [])
+    device, dtype = device_and_dtype(args)
+    pipe = _pipeline_with_adapters(args.base, args.adapter or [], device=device, dtype=dtype)
     images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                       guidance=args.guidance, num_images=args.num_images, control_image=hint,
                       control_scale=args.control_scale)
@@ -43,11 +45,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(path)
 
 
-def _pipeline_with_adapters(base: str | None, specs: list[str], default_strength: float = 1.0):
-    """Load the base and the given 'FILE[:STRENGTH]' adapters, active in the order given."""
+def _pipeline_with_adapters(base: str | None, specs: list[str], default_strength: float = 1.0, *,
+                            device="cpu", dtype=None):
+    """Load the base (on `device`, in `dtype`) and the given 'FILE[:STRENGTH]' adapters, active in order."""
+    import torch
+
     from .pipelines import load_ether_weights, load_pipeline, parse_adapter_arg, set_ether_adapters
 
-    pipe = load_pipeline(base)
+    pipe = load_pipeline(base, dtype=dtype or torch.float32, device=device)
     names, strengths = [], []
     for spec in specs:
         path, strength = parse_adapter_arg(spec, default_strength)
@@ -59,20 +64,20 @@ def _pipeline_with_adapters(base: str | None, specs: list[str], default_strength
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    import torch
-
     from . import inject
     from .pipelines import pipeline_components
     from .control import control_strengths
     from .export import export_control_encoders, export_lora, export_merged
 
-    pipe = _pipeline_with_adapters(args.base, args.adapters, args.strength)
+    # adapters are fused / factorised in fp64 from the fp32 base; --dtype is the precision of what is written
+    pipe = _pipeline_with_adapters(args.base, args.adapters, args.strength, device=resolve_device(args.device))
     source = {"adapters": args.adapters, "base": args.base or "embedded", "strength": args.strength}
+    dtype = DTYPES[args.dtype]
     if args.to == "merged":
-        print(f"merged pipeline written to {export_merged(pipe, args.out, single_file_unet=args.single_file)}")
+        path = export_merged(pipe, args.out, single_file_unet=args.single_file, dtype=dtype)
+        print(f"merged pipeline written to {path}")
     elif any(inject.active_adapters(m) for m in pipeline_components(pipe).values()) or not any(
             control_strengths(pipe.unet).values()):
-        dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
         info = export_lora(pipe, args.out, style="diffusers" if args.to == "lora" else "kohya", dtype=dtype,
                            source=source)
         print(f"{args.to} file written to {info['path']} ({info['bytes']:,} bytes, ranks {info['ranks']})")
@@ -112,7 +117,8 @@ def cmd_eval(args: argparse.Namespace) -> None:
         samples = [Sample(ex.image, ex.caption) for ex in load_folder(args.images, "", what="generated images")]
     else:
         prompts = protocol_prompts(args.token, args.class_word, args.live, args.prompts)
-        pipe = _pipeline_with_adapters(args.base, args.adapter or [])
+        device, dtype = device_and_dtype(args)
+        pipe = _pipeline_with_adapters(args.base, args.adapter or [], device=device, dtype=dtype)
         samples = generate_protocol(pipe, prompts, out / "images", args.images_per_prompt, args.seed, args.steps,
                                     args.guidance)
     report = score(samples, references, backbones, token=args.token, lpips=lpips)
@@ -142,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--control-image", default=None, help="control picture for a control adapter (resized to the output)")
     p.add_argument("--control-scale", type=float, default=1.0, help="multiplies the control encoder's features")
+    add_device_arguments(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="export adapters as a LoRA (diffusers or kohya keys) or a merged pipeline")
@@ -150,7 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file (lora, kohya, merged --single-file) or folder (merged)")
     p.add_argument("--base", default=None, help="the base the adapters were trained on (default: embedded)")
     p.add_argument("--strength", type=float, default=1.0, help="strength for adapters given without :STRENGTH")
-    p.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp16", help="LoRA tensor dtype")
+    p.add_argument("--dtype", choices=list(DTYPES), default="fp16",
+                   help="precision of the written LoRA tensors or merged weights (computed in fp64 either way)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to merge / factorise (auto: cuda if present)")
     p.add_argument("--single-file", action="store_true", help="merged: write only the UNet as one .safetensors")
     p.set_defaults(func=cmd_export)
 
@@ -172,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lpips", default="auto", help="folder with alexnet-owt-7be5be79.pth and lpips' alex.pth; "
                    "auto: torch hub's cache + the installed lpips package, skipped if absent; none")
     p.add_argument("--out", required=True, help="folder for images/, report.json, report.md")
+    add_device_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     from .train.cli import add_train_parser

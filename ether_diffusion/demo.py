@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write, atomic_write_text
 from .errors import EtherError
 from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
+from .runtime import add_device_arguments, mixed_precision_for, resolve_device, resolve_dtype
 from .toyworld import checker, world
 from .toyworld.evaluate import prompt_fidelity, subject_prompts
 from .train import DreamBoothConfig, train_dreambooth
@@ -41,6 +42,8 @@ class DemoSettings:
     sampling_steps: int = 20
     guidance: float = 7.5
     seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
 
 
 def render_instances(settings: DemoSettings, folder: Path) -> None:
@@ -103,13 +106,16 @@ def run_demo(settings: DemoSettings) -> dict:
     out = Path(settings.out)
     times = {}
     t0 = time.time()
+    device = resolve_device(settings.device)  # an absent GPU is refused before any work
+    dtype = resolve_dtype(settings.dtype, device)
     render_instances(settings, out / "instance")
     shape = world.SUBJECTS[settings.subject].shape
-    pipe = load_pipeline(settings.base)
+    pipe = load_pipeline(settings.base, dtype=dtype, device=device)
     times["load"] = time.time() - t0
     cfg = DreamBoothConfig(
         instance_dir=str(out / "instance"), instance_prompt=f"a {settings.token} {shape} on a white background",
         output_dir=str(out), base=settings.base, method=settings.method, max_steps=settings.max_steps,
+        device=settings.device, mixed_precision=mixed_precision_for(dtype),
         train_text_encoder=settings.train_text_encoder,
         learning_rate=settings.learning_rate, seed=settings.seed, with_prior_preservation=True,
         class_prompt=f"a {shape} on a white background", class_dir=str(out / "class"),
@@ -155,6 +161,7 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--seeds", type=int, default=defaults.seeds, help="images per prompt and model")
     p.add_argument("--sampling-steps", type=int, default=defaults.sampling_steps)
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
+    add_device_arguments(p)
     p.set_defaults(func=cmd_demo)
 
 
@@ -162,7 +169,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     settings = DemoSettings(out=args.out, base=args.base, subject=args.subject, method=args.method,
                             train_text_encoder=args.train_text_encoder,
                             max_steps=args.max_steps, learning_rate=args.learning_rate,
-                            class_images=args.class_images, seeds=args.seeds, sampling_steps=args.sampling_steps)
+                            class_images=args.class_images, seeds=args.seeds, sampling_steps=args.sampling_steps,
+                            device=args.device, dtype=args.dtype)
     report = run_demo(settings)
     out = Path(settings.out).resolve()
     b, a = report["base"], report["adapted"]

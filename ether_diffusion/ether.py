@@ -7,6 +7,11 @@ Every transform here has the form, per block i of size d/n (contiguous chunks, e
 ETHER   (Householder reflection):  a = 2, b = 0     → H = I − 2ûûᵀ
 ETHER+  (the paper's relaxation):   a = 1, b = 1     → H⁺ = I − ûûᵀ + v̂v̂ᵀ
 `s` is the strength: H_s = I + s·(H − I); s = 1 is the trained transform, s = 0 the identity.
+What values in between mean differs by method. ETHER+ starts at the identity and H⁺_s has eigenvalues
+1 ± s·|sin∠(u, v)| (and 1), so every s in [0, 1) is an invertible step of the trained deformation. ETHER's H_s
+scales the û direction by 1 − 2s: it shrinks that direction for s < 0.5, erases it at s = 0.5 (H_s is then a
+singular projection) and flips it for s > 0.5, reaching the trained reflection at s = 1. A reflection cannot be
+reached continuously from I through orthogonal maps, so for ETHER only 0 (off) and values near 1 are meaningful.
 
 Because each H_i is symmetric, "H x" for activations and "W H" for weight rows are the same operation,
 so merging into weights reuses `apply_transform` on the rows (input side) or columns (output side) of W.
@@ -38,6 +43,12 @@ METHOD_SPECS = {"ether": MethodSpec(2.0, 0.0, False), "etherplus": MethodSpec(1.
 def default_sides(method: str) -> str:
     """ETHER acts on the input (paper's default); ETHER+ on both sides (the paper's best, 0.666 vs 0.618 DINO)."""
     return "input" if method == "ether" else "both"
+
+
+SWEEP_STRENGTHS = {
+    "ether": (0.0, 0.7, 0.8, 0.9, 1.0, 1.1),  # off, then around the reflection, away from the singular s = 0.5
+    "etherplus": (0.0, 0.25, 0.5, 0.75, 1.0, 1.25),
+}
 
 
 def check_method(method: str, n_blocks: int, sides: str) -> None:

@@ -8,7 +8,7 @@
 - LPIPS diversity: mean LPIPS between pictures of the same prompt (`ether_diffusion.lpips`); low values mean
   the adapter draws one picture whatever the seed (overfitting).
 
-The protocol: the 25 DreamBooth prompt templates (objects or live subjects, `datasets/dreambooth_prompts.json`),
+The protocol: the 25 DreamBooth prompt templates (objects or live subjects, `ether_diffusion/resources/dreambooth_prompts.json`),
 4 pictures per prompt, each with a recorded seed. Backbones come from local folders or hub ids the user passes;
 nothing is downloaded unless asked, and an unavailable backbone is one clear error. On the toy world the
 checker (`ether_diffusion.toyworld.evaluate`) gives the equivalent scores without any backbone.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -28,17 +29,17 @@ from .atomic import atomic_write, atomic_write_text
 from .errors import EtherError
 from .lpips import diversity
 
-PROMPTS_FILE = Path(__file__).resolve().parents[1] / "datasets" / "dreambooth_prompts.json"
+PROMPTS_RESOURCE = "resources/dreambooth_prompts.json"  # shipped inside the package (importlib.resources)
 DEFAULT_DINO = "facebook/dino-vits16"
 CLIP_BACKBONES = {"ViT-L/14": "openai/clip-vit-large-patch14", "B/32": "openai/clip-vit-base-patch32"}
 
 
 def protocol_prompts(token: str, class_word: str, live: bool = False, path: str | Path | None = None) -> list[str]:
     """The 25 DreamBooth prompts for a subject ('sks', 'dog'), object or live-subject list."""
-    path = Path(path) if path else PROMPTS_FILE
-    if not path.is_file():
-        raise EtherError(f"prompt list not found: {path} (pass --prompts FILE with {{'object': […], 'live': […]}})")
-    templates = json.loads(path.read_text())["live" if live else "object"]
+    source = Path(path) if path else resources.files("ether_diffusion").joinpath(PROMPTS_RESOURCE)
+    if not source.is_file():
+        raise EtherError(f"prompt list not found: {source} (pass --prompts FILE with {{'object': […], 'live': […]}})")
+    templates = json.loads(source.read_text())["live" if live else "object"]
     return [t.format(token=token, cls=class_word) for t in templates]
 
 

@@ -20,6 +20,7 @@ from .atomic import atomic_write_bytes
 from .errors import EtherError
 from .ether import unit_blocks
 from .layers import EtherLayer
+from .naming import canonical_layer_name, kohya_key
 from .pipelines import pipeline_components
 
 RANK_TOLERANCE = 1e-10  # singular values below this fraction (of the largest, or of ‖W‖) are fp64 round-off
@@ -75,7 +76,16 @@ def _shaped(up: torch.Tensor, down: torch.Tensor, layer: EtherLayer, dtype: torc
     return up.to(dtype).contiguous(), down.to(dtype).contiguous()
 
 
-KOHYA_PREFIX = {"unet": "lora_unet", "text_encoder": "lora_te", "text_encoder_2": "lora_te2"}
+def lora_key_names(comp: str, layer_name: str, style: str, sdxl: bool) -> tuple[str, str, str | None]:
+    """(down, up, alpha) tensor keys of one adapted layer: 'diffusers' (PEFT keys, alpha implied) or 'kohya'
+    (A1111 / ComfyUI keys), always under the canonical layer name (see `naming`)."""
+    name = canonical_layer_name(comp, layer_name)
+    if style == "diffusers":
+        return f"{comp}.{name}.lora_A.weight", f"{comp}.{name}.lora_B.weight", None
+    if style == "kohya":
+        key = kohya_key(comp, name, sdxl)
+        return f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha"
+    raise EtherError(f"unknown LoRA style {style!r}; use diffusers or kohya")
 
 
 def lora_state_dict(pipe, style: str = "diffusers", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
@@ -86,19 +96,10 @@ def lora_state_dict(pipe, style: str = "diffusers", dtype: torch.dtype = torch.f
     for comp, layers in factors.items():
         for layer_name, (up, down, layer) in layers.items():
             up, down = _shaped(up, down, layer, dtype)
-            if style == "diffusers":
-                tensors[f"{comp}.{layer_name}.lora_A.weight"] = down
-                tensors[f"{comp}.{layer_name}.lora_B.weight"] = up
-            elif style == "kohya":
-                prefix = KOHYA_PREFIX[comp]
-                if sdxl and comp == "text_encoder":
-                    prefix = "lora_te1"
-                key = f"{prefix}_{layer_name.replace('.', '_')}"
-                tensors[f"{key}.lora_down.weight"] = down
-                tensors[f"{key}.lora_up.weight"] = up
-                tensors[f"{key}.alpha"] = torch.tensor(float(down.shape[0]), dtype=dtype)  # alpha = rank: scale 1
-            else:
-                raise EtherError(f"unknown LoRA style {style!r}; use diffusers or kohya")
+            down_key, up_key, alpha_key = lora_key_names(comp, layer_name, style, sdxl)
+            tensors[down_key], tensors[up_key] = down, up
+            if alpha_key:
+                tensors[alpha_key] = torch.tensor(float(down.shape[0]), dtype=dtype)  # alpha = rank: scale 1
     return tensors
 
 
@@ -137,10 +138,13 @@ def export_control_encoders(pipe, out: str | Path) -> list[Path]:
     return paths
 
 
-def export_merged(pipe, out: str | Path, single_file_unet: bool = False) -> Path:
-    """Save the whole pipeline with the active adapters fused, as plain diffusers (no trace of this package)."""
+def export_merged(pipe, out: str | Path, single_file_unet: bool = False, dtype: torch.dtype | None = None) -> Path:
+    """Save the whole pipeline with the active adapters fused, as plain diffusers (no trace of this package),
+    cast to `dtype` after fusing when given."""
     for model in pipeline_components(pipe).values():
         inject.fuse_and_unload(model)
+    if dtype is not None:
+        pipe.to(dtype)
     out = Path(out)
     if single_file_unet:
         tensors = {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}

@@ -2,7 +2,8 @@
 
 A pattern is a preset name (`attn`, `attn+ff`, `text`) or a regular expression matched against the end of a
 module's dotted name at a dot boundary: `to_q` matches `…attn1.to_q`, `attn2\\.to_(k|v)` only cross-attention
-keys and values. Several patterns are separated by commas. Only `nn.Linear` and 1×1 `nn.Conv2d` are adapted.
+keys and values. Several patterns are separated by commas. Only `nn.Linear`, 1×1 `nn.Conv2d` and bitsandbytes'
+quantised Linears are adapted; a selected Linear or Conv2d of any other kind is refused by name.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 from torch import nn
 
 from .errors import EtherError
-from .layers import AdapterConfig, EtherAdapter, EtherLayer, is_adaptable, check_blocks, layer_sizes
+from .layers import AdapterConfig, EtherAdapter, EtherLayer, check_blocks, is_adaptable, layer_sizes, unsupported_reason
 
 PRESETS: dict[str, tuple[str, ...]] = {
     # the paper's subject-driven choice: q, k, v, out of every attention module (self and cross)
@@ -63,8 +64,12 @@ def find_targets(model: nn.Module, targets: str) -> list[str]:
     for name, module in model.named_modules():
         if name.endswith(".base") and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), EtherLayer):
             continue
-        if (isinstance(module, EtherLayer) or is_adaptable(module)) and _matches(name, patterns):
+        if not _matches(name, patterns):
+            continue
+        if isinstance(module, EtherLayer) or is_adaptable(module):
             found.append(name)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):  # a layer we would silently mishandle: say so
+            raise EtherError(f"targets {targets!r} select layer {name}, which is {unsupported_reason(module)}")
     return found
 
 
@@ -72,7 +77,7 @@ def _wrap(model: nn.Module, name: str) -> EtherLayer:
     module = model.get_submodule(name)
     if isinstance(module, EtherLayer):
         return module
-    layer = EtherLayer(module)
+    layer = EtherLayer(module, name)
     _replace(model, name, layer)
     return layer
 
@@ -97,7 +102,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig, layer_names:
         module = model.get_submodule(layer_name)
         base = module.base if isinstance(module, EtherLayer) else module
         if not is_adaptable(base):
-            raise EtherError(f"layer {layer_name} is a {type(base).__name__}; ETHER adapts nn.Linear and 1×1 nn.Conv2d")
+            raise EtherError(f"layer {layer_name} is {unsupported_reason(base)}")
         check_blocks(config, *layer_sizes(base), layer_name)
         if isinstance(module, EtherLayer) and name in module.ether_adapters:
             raise EtherError(f"an adapter named {name!r} already exists on {layer_name}")

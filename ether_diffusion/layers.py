@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .ether import METHOD_SPECS, MethodSpec, apply_transform, check_method, default_sides, transform_weight, unit_blocks
@@ -45,10 +44,29 @@ class AdapterConfig:
         return asdict(self)
 
 
+QUANTISED_LINEARS = ("Linear8bitLt", "Linear4bit")  # bitsandbytes: forward through the layer, never merged
+
+
+def is_quantised(module: nn.Module) -> bool:
+    """A bitsandbytes 8-/4-bit Linear: its weight is packed, so ETHER runs around its forward but cannot merge."""
+    return type(module).__name__ in QUANTISED_LINEARS and type(module).__module__.startswith("bitsandbytes")
+
+
 def is_adaptable(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
+    """Exactly the layer types ETHER handles: nn.Linear, 1×1 nn.Conv2d (any stride or padding, one group) and
+    bitsandbytes' quantised Linears. Other subclasses may compute something else than x ↦ Wx + b, so they are
+    refused rather than guessed at."""
+    if type(module) is nn.Linear or is_quantised(module):
         return True
-    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1 and module.stride == (1, 1)
+    return type(module) is nn.Conv2d and module.kernel_size == (1, 1) and module.groups == 1
+
+
+def unsupported_reason(module: nn.Module) -> str:
+    """Why `module` cannot be adapted, for error messages that name the layer."""
+    kind = f"{type(module).__module__}.{type(module).__name__}"
+    if isinstance(module, nn.Conv2d):
+        return f"a {kind} with kernel {module.kernel_size} and {module.groups} group(s); only 1×1 single-group convs"
+    return f"a {kind}; ETHER adapts nn.Linear, 1×1 nn.Conv2d and bitsandbytes Linear8bitLt / Linear4bit"
 
 
 def layer_sizes(module: nn.Module) -> tuple[int, int]:
@@ -68,42 +86,56 @@ def check_blocks(config: AdapterConfig, in_features: int, out_features: int, lay
 
 
 class EtherAdapter(nn.Module):
-    """The trainable vectors of one adapter on one layer: u (and v for ETHER+) per side, flat (d,) fp32."""
+    """The trainable vectors of one adapter on one layer: u (and v for ETHER+) per side, flat (d,) fp32.
+
+    The vectors are this module's own parameters and the layer gets their unit blocks by calling it, so hooks
+    that move weights in just before a module runs (accelerate's CPU / disk offload) load them too.
+    """
 
     def __init__(self, config: AdapterConfig, in_features: int, out_features: int) -> None:
         super().__init__()
         self.config = config
-        self.vectors = nn.ParameterDict()
         for side in config.side_list:
             d = in_features if side == "input" else out_features
             u = torch.empty(d, dtype=torch.float32)
             nn.init.uniform_(u, -1.0, 1.0)  # scale is irrelevant: only the direction counts
-            self.vectors[f"u_{side}"] = nn.Parameter(u)
+            self.register_parameter(f"u_{side}", nn.Parameter(u))
             if config.spec.has_v:  # v = u: H⁺ = I exactly, the model starts as the pretrained one
-                self.vectors[f"v_{side}"] = nn.Parameter(u.clone())
+                self.register_parameter(f"v_{side}", nn.Parameter(u.clone()))
 
-    def unit(self, side: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    @property
+    def vectors(self) -> dict[str, nn.Parameter]:
+        """Vector name ('u_input', 'v_input', 'u_output', 'v_output') → parameter."""
+        return dict(self._parameters)  # type: ignore[arg-type]
+
+    def forward(self) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+        """Side → (û, v̂) unit blocks of shape (n, d/n), computed in fp32."""
         n = self.config.n_blocks
-        u = unit_blocks(self.vectors[f"u_{side}"], n)
-        v = unit_blocks(self.vectors[f"v_{side}"], n) if f"v_{side}" in self.vectors else None
-        return u, v
+        vectors = self.vectors
+        return {side: (unit_blocks(vectors[f"u_{side}"], n),
+                       unit_blocks(vectors[f"v_{side}"], n) if f"v_{side}" in vectors else None)
+                for side in self.config.side_list}
 
     def _apply(self, fn, recurse: bool = True):
-        """Follow device moves, but keep the vectors fp32 when the base model is cast to fp16/bf16."""
-        super()._apply(fn, recurse)
-        for p in self.vectors.values():
-            if p.dtype in (torch.float16, torch.bfloat16):
-                p.data = p.data.float()
-        return self
+        """Follow device moves, but keep fp32 vectors fp32, never rounded through fp16/bf16, when the base model is
+        cast to half precision (`.half()`, `.to(torch.bfloat16)`)."""
+
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            moved = fn(t)
+            if t.dtype == torch.float32 and moved.dtype in (torch.float16, torch.bfloat16):
+                return t.to(moved.device, copy=moved.device == t.device)
+            return moved
+
+        return super()._apply(keep_fp32, recurse)
 
 
 class EtherLayer(nn.Module):
     """A Linear / 1×1 Conv2d with named ETHER adapters, an active set with strengths, merge and routing."""
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, layer_name: str = "") -> None:
         super().__init__()
         if not is_adaptable(base):
-            raise EtherError(f"ETHER wraps nn.Linear or 1×1 nn.Conv2d, not {type(base).__name__}")
+            raise EtherError(f"layer {layer_name or '?'} is {unsupported_reason(base)}")
         self.base = base
         self.ether_adapters = nn.ModuleDict()
         self.active: dict[str, float] = {}
@@ -125,6 +157,10 @@ class EtherLayer(nn.Module):
         return layer_sizes(self.base)[1]
 
     def weight_2d(self) -> torch.Tensor:
+        """The base weight as (out, in), for merging and export (a quantised layer's packed weight is refused)."""
+        if is_quantised(self.base):
+            raise EtherError(f"the weight of a quantised {type(self.base).__name__} is packed; merging and LoRA "
+                             "export need the full-precision base model")
         return self.base.weight.view(self.out_features, self.in_features)
 
     def add_adapter(self, name: str, config: AdapterConfig, layer_name: str = "") -> EtherAdapter:
@@ -149,56 +185,82 @@ class EtherLayer(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
 
-    def _transform(self, x: torch.Tensor, names: list[str], side: str) -> torch.Tensor:
-        for name in names:
-            adapter = self.ether_adapters[name]
-            if side in adapter.config.side_list:
-                u, v = adapter.unit(side)
-                x = apply_transform(x, u, v, adapter.config.spec, self.active[name])
-        return x
+    def _planned(self) -> tuple[list, list]:
+        """(input-side, output-side) transforms to apply, in order, as (û, v̂, spec, strength) tuples.
 
-    def _routed(self, side: str) -> tuple[torch.Tensor, torch.Tensor | None, MethodSpec] | None:
-        """Per-sample stacked unit vectors (B, n, k) for one side; zero vectors (identity) for samples without."""
-        names, _ = self.routing
-        used = [self.ether_adapters[n] for n in dict.fromkeys(names) if n is not None and n in self.ether_adapters]
-        configs = {(a.config.method, a.config.n_blocks, a.config.sides) for a in used}
+        Each adapter is called once, which is when offload hooks bring its vectors in.
+        """
+        if self.routing is not None:
+            return self._routed_plan()
+        names = [n for n, s in self.active.items() if s]
+        units = {n: self.ether_adapters[n]() for n in names}
+
+        def side_plan(side: str, order: list[str]) -> list:
+            return [(*units[n][side], self.ether_adapters[n].config.spec, self.active[n]) for n in order
+                    if side in units[n]]
+
+        # W' = H_out,k … H_out,1 · W · H_in,1 … H_in,k: the last adapter's input transform meets x first
+        return side_plan("input", names[::-1]), side_plan("output", names)
+
+    def _routed_plan(self) -> tuple[list, list]:
+        """Per-sample stacked unit vectors (B, n, k) per side; zero vectors (identity) for samples without."""
+        names, strengths = self.routing
+        used = [n for n in dict.fromkeys(names) if n is not None and n in self.ether_adapters]
+        configs = {(self.ether_adapters[n].config.method, self.ether_adapters[n].config.n_blocks,
+                    self.ether_adapters[n].config.sides) for n in used}
         if len(configs) > 1:
             raise EtherError(f"per-sample routing needs adapters of one method, n_blocks and sides; got {sorted(configs)}")
-        if not used or side not in used[0].config.side_list:
+        if not used:
+            return [], []
+        units = {n: self.ether_adapters[n]() for n in used}
+        config = self.ether_adapters[used[0]].config
+        plans = []
+        for side in ("input", "output"):
+            if side not in config.side_list:
+                plans.append([])
+                continue
+            ref_u, ref_v = units[used[0]][side]
+            zero = torch.zeros_like(ref_u)
+            u = torch.stack([units[n][side][0] if n in units else zero for n in names])
+            v = torch.stack([units[n][side][1] if n in units else zero for n in names]) if ref_v is not None else None
+            plans.append([(u, v, config.spec, strengths.to(u.device))])
+        return plans[0], plans[1]
+
+    def _channels_last(self, x: torch.Tensor, plan: list) -> torch.Tensor:
+        """Apply transforms along the feature axis (last for Linear, 1 for a conv's NCHW)."""
+        if not plan:
+            return x
+        if self.is_conv:
+            x = x.movedim(1, -1)
+        for u, v, spec, strength in plan:
+            x = apply_transform(x, u, v, spec, strength)
+        return x.movedim(-1, 1) if self.is_conv else x
+
+    def _bias(self, y: torch.Tensor) -> torch.Tensor | None:
+        """The base layer's bias, shaped to broadcast over its output; read through the layer itself when an
+        offload hook keeps the parameters elsewhere (the output for a zero input is the bias)."""
+        bias = getattr(self.base, "bias", None)
+        if bias is None:
             return None
-        units = {n: self.ether_adapters[n].unit(side) for n in dict.fromkeys(names) if n in self.ether_adapters}
-        ref_u, ref_v = next(iter(units.values()))
-        zero = torch.zeros_like(ref_u)
-        u = torch.stack([units[n][0] if n in units else zero for n in names])
-        v = torch.stack([units[n][1] if n in units else zero for n in names]) if ref_v is not None else None
-        return u, v, used[0].config.spec
+        if bias.device.type == "meta":
+            zero = y.new_zeros((1, self.in_features, 1, 1) if self.is_conv else (1, self.in_features))
+            bias = self.base(zero).reshape(self.out_features, -1)[:, 0]
+        bias = bias.to(y.dtype)
+        return bias.view(-1, 1, 1) if self.is_conv else bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.merged or (not any(self.active.values()) and self.routing is None):
             return self.base(x)  # strength-0 adapters cost nothing and leave the base output bit for bit
-        if self.is_conv:
-            return self._forward_2d(x.movedim(1, -1)).movedim(-1, 1)
-        return self._forward_2d(x)
-
-    def _forward_2d(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.weight_2d(), self.base.bias
-        if self.routing is not None:
-            names, strengths = self.routing
-            if x.shape[0] != len(names):
-                raise EtherError(f"routing names {len(names)} samples but the batch has {x.shape[0]}")
-            strengths = strengths.to(x.device)
-            routed_in = self._routed("input")
-            if routed_in:
-                x = apply_transform(x, *routed_in[:2], routed_in[2], strengths)
-            y = F.linear(x, weight)
-            routed_out = self._routed("output")
-            if routed_out:
-                y = apply_transform(y, *routed_out[:2], routed_out[2], strengths)
-        else:
-            names = [n for n, s in self.active.items() if s]
-            y = F.linear(self._transform(x, names[::-1], "input"), weight)
-            y = self._transform(y, names, "output")
-        return y + bias if bias is not None else y
+        if self.routing is not None and x.shape[0] != len(self.routing[0]):
+            raise EtherError(f"routing names {len(self.routing[0])} samples but the batch has {x.shape[0]}")
+        plan_in, plan_out = self._planned()
+        y = self.base(self._channels_last(x, plan_in))
+        if not plan_out:
+            return y
+        bias = self._bias(y)
+        if bias is None:
+            return self._channels_last(y, plan_out)
+        return self._channels_last(y - bias, plan_out) + bias  # H_out acts on W·x, not on the bias
 
     # -- merge -----------------------------------------------------------------------------------------------
 
@@ -207,18 +269,24 @@ class EtherLayer(nn.Module):
         weight = self.weight_2d().to(dtype)
         for name, strength in strengths.items():
             adapter = self.ether_adapters[name]
-            for side in adapter.config.side_list:
-                u, v = adapter.unit(side)
+            for side, (u, v) in adapter().items():
                 weight = transform_weight(weight, side, u.to(dtype), None if v is None else v.to(dtype),
                                           adapter.config.spec, strength)
         return weight
 
     @torch.no_grad()
     def merge(self) -> None:
-        """Fold the active adapters at their strengths into the base weight (computed in fp64)."""
+        """Fold the active adapters at their strengths into the base weight (computed in fp64).
+
+        The original weight is kept in CPU memory, not on the accelerator, so fusing saves accelerator memory;
+        `unmerge` copies it back bit for bit.
+        """
         if self.merged or not self.active:
             return
-        self._original_weight = self.base.weight.detach().clone()
+        if is_quantised(self.base):
+            raise EtherError(f"cannot merge into a quantised {type(self.base).__name__}: its weight is packed; "
+                             "use the adapter unmerged, or merge on the full-precision model")
+        self._original_weight = self.base.weight.detach().to("cpu", copy=True)
         new = self.merged_weight(self.active).to(self.base.weight.dtype)
         self.base.weight.copy_(new.view_as(self.base.weight))
         self.merged = dict(self.active)

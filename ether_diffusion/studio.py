@@ -17,6 +17,7 @@ from PIL import Image
 from .adapter_file import check_base, read_adapter_file
 from .control import needed_control
 from .errors import EtherError
+from .ether import SWEEP_STRENGTHS
 from .pipelines import (
     adapter_file_info,
     disable_ether,
@@ -36,7 +37,6 @@ SCHEDULERS = {
     "PNDM": "PNDMScheduler",
 }
 LIMITS = {"steps": (1, 100), "guidance": (0.0, 30.0), "strength": (-2.0, 3.0), "num_images": (1, 8)}
-SWEEP = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25)
 
 
 def clamp(name: str, value: float) -> float:
@@ -127,6 +127,12 @@ class Studio:
                 "base_model": meta.get("base_model"), "components": sorted(meta["components"]),
                 "control": (parsed.control or {}).get("kind")}
 
+    def sweep_strengths(self, adapter_name: str) -> tuple[float, ...]:
+        """Strengths a sweep shows for a loaded adapter: ETHER's skip the singular s = 0.5 (see `ether`)."""
+        configs = adapter_file_info(self.pipe, adapter_name).metadata["components"].values()
+        methods = {c["config"]["method"] for c in configs}
+        return SWEEP_STRENGTHS["ether" if methods == {"ether"} else "etherplus"]
+
     # -- generation -------------------------------------------------------------------------------------------
 
     def _activate(self, adapters: list[tuple[str, float]]) -> list[str]:
@@ -178,7 +184,7 @@ class Studio:
             if req.mode == "sweep":
                 out = []
                 first = names[0]
-                for s in SWEEP:
+                for s in self.sweep_strengths(first):
                     strengths = {a: clamp("strength", st) for a, (_, st) in zip(names, adapters)}
                     strengths[first] = s
                     set_ether_adapters(self.pipe, list(strengths), list(strengths.values()))

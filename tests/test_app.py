@@ -16,7 +16,8 @@ import torch  # noqa: E402
 from ether_diffusion.adapter_file import save_adapter  # noqa: E402
 from ether_diffusion.app import NONE, build_app  # noqa: E402
 from ether_diffusion.control import build_encoder, encoder_config  # noqa: E402
-from ether_diffusion.studio import SWEEP, Studio  # noqa: E402
+from ether_diffusion.ether import SWEEP_STRENGTHS  # noqa: E402
+from ether_diffusion.studio import Studio  # noqa: E402
 from ether_diffusion.testing import tiny_sd_pipeline  # noqa: E402
 from ether_diffusion.toyworld import world  # noqa: E402
 from ether_diffusion.train import DreamBoothConfig, train_dreambooth  # noqa: E402
@@ -85,7 +86,10 @@ def test_generate_with_and_without_adapters(served):
     compare, _ = call(client, adapters=[(names[0], 1.0)], mode="compare", n=2)
     assert len(compare) == 4 and np.array_equal(compare[0], base[0]) and np.array_equal(compare[1], adapted[0])
     sweep, _ = call(client, adapters=[(names[0], 1.0)], mode="sweep")
-    assert len(sweep) == len(SWEEP) and np.abs(sweep[0].astype(int) - base[0]).max() <= 1
+    method = studio.describe(names[0])["method"]
+    strengths = SWEEP_STRENGTHS[method]
+    assert len(sweep) == len(strengths) and np.abs(sweep[0].astype(int) - base[0]).max() <= 1
+    assert studio.sweep_strengths(studio.ensure_loaded(names[0])) == strengths
 
 
 def test_control_adapter_needs_and_follows_a_control_image(served):

@@ -205,3 +205,35 @@ def test_two_process_ddp_trains_identical_adapters(instance_dir, tmp_path):
     assert len(written) == 3 and written[-1].endswith("ether_adapter.safetensors")  # checkpoints 2, 3 and final
     assert not (dump / "wrote-by-rank1.txt").exists()
     assert (out / "ether_adapter.safetensors").is_file() and (out / "checkpoint-2").is_dir()
+
+
+def test_fp16_trains_through_the_loss_scaler_skips_overflowing_steps_and_resumes_exactly(instance_dir, tmp_path,
+                                                                                          monkeypatch):
+    """fp16: backward goes through a GradScaler (on this CPU the one the loop installs; accelerate's on a GPU).
+    A deliberately huge initial scale overflows the fp16 backward: those steps must be skipped (no optimiser or
+    schedule step), the scale must fall, training must go on, and the scaler state must resume exactly."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0**24))
+    kw = dict(max_steps=8, checkpointing_steps=4, method="etherplus", mixed_precision="fp16")
+    full = tmp_path / "full"
+    train_dreambooth(config(instance_dir, full, **kw), pipe=tiny_sd_pipeline().to(torch.float16))
+    state = torch.load(full / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    assert state["scaler"] is not None and state["scaler"]["scale"] < 2.0**24  # overflow was detected
+    adam_steps = {int(s["step"]) for s in state["optimizer"]["state"].values()}
+    assert adam_steps and max(adam_steps) < 8  # the overflowing steps were skipped, not applied
+    assert state["lr_scheduler"]["last_epoch"] == max(adam_steps)
+    final = load_file(full / "ether_adapter.safetensors")
+    first = load_file(full / "checkpoint-4" / "adapter.safetensors")
+    assert all(torch.isfinite(v).all() for v in final.values())
+    interrupted = tmp_path / "interrupted"
+    interrupted.mkdir()
+    shutil.copytree(full / "checkpoint-4", interrupted / "checkpoint-4")
+    train_dreambooth(config(instance_dir, interrupted, resume_from_checkpoint="latest", **kw),
+                     pipe=tiny_sd_pipeline().to(torch.float16))
+    resumed = load_file(interrupted / "ether_adapter.safetensors")
+    assert any(not torch.equal(final[k], first[k]) for k in final)  # it trained after the skipped steps
+    for key in final:
+        torch.testing.assert_close(final[key], resumed[key], atol=1e-6, rtol=1e-5)
+    resumed_state = torch.load(interrupted / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    assert resumed_state["scaler"]["scale"] == state["scaler"]["scale"]

@@ -143,7 +143,7 @@ def test_gradients_reach_only_adapter_vectors_and_training_reduces_loss():
     model.add_module("proj", teacher)
     add_adapter(model, "a", AdapterConfig(method="ether", targets="proj"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["proj.ether_adapters.a.vectors.u_input"]
+    assert trainable == ["proj.ether_adapters.a.u_input"]
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     losses = []
     for _ in range(150):
@@ -180,3 +180,17 @@ def test_forward_never_builds_a_dense_matrix(monkeypatch):
     monkeypatch.setattr(torch.nn.functional, "linear", spy)
     model(torch.randn(2, IN)).sum().backward()
     assert seen == [(OUT, IN)]
+
+
+def test_strength_meaning_differs_by_method_and_the_sweep_avoids_singular_ether_strengths():
+    from ether_diffusion.ether import SWEEP_STRENGTHS
+
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(16, generator=g), torch.randn(16, generator=g)
+    assert abs(torch.linalg.det(reference_H(u, None, 1, "ether", 0.5))) < 1e-12  # a projection
+    for s in SWEEP_STRENGTHS["ether"]:
+        eig = torch.linalg.eigvalsh(reference_H(u, None, 1, "ether", s))
+        assert eig.abs().min() >= 0.39, s  # the reflected direction is scaled by 1 − 2s, never near 0
+    for s in SWEEP_STRENGTHS["etherplus"]:
+        if s < 1:
+            assert torch.linalg.svdvals(reference_H(u, v, 1, "etherplus", s)).min() > 1e-3, s

@@ -104,7 +104,7 @@ def resolve_resume(output_dir: Path, resume: str | None) -> Path | None:
 
 
 def save_checkpoint(output_dir: Path, step: int, write_adapter, optimizer, lr_scheduler, extra: dict,
-                    keep: int | None) -> Path:
+                    keep: int | None, scaler=None) -> Path:
     """Write checkpoint-STEP/ completely in a temporary folder, then rename it into place; prune old ones."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
     tmp = output_dir / f".{CHECKPOINT_PREFIX}{step}.tmp"
@@ -112,7 +112,8 @@ def save_checkpoint(output_dir: Path, step: int, write_adapter, optimizer, lr_sc
     tmp.mkdir(parents=True)
     write_adapter(tmp / "adapter.safetensors")
     atomic_write(tmp / "optimizer.pt", lambda p: torch.save(
-        {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict()}, p))
+        {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+         "scaler": scaler.state_dict() if scaler is not None else None}, p))
     atomic_write_text(tmp / "state.json", json.dumps({"step": step, **extra}, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -122,10 +123,12 @@ def save_checkpoint(output_dir: Path, step: int, write_adapter, optimizer, lr_sc
     return final
 
 
-def load_checkpoint_state(path: Path, optimizer, lr_scheduler) -> dict:
+def load_checkpoint_state(path: Path, optimizer, lr_scheduler, scaler=None) -> dict:
     states = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
     optimizer.load_state_dict(states["optimizer"])
     lr_scheduler.load_state_dict(states["lr_scheduler"])
+    if scaler is not None and states.get("scaler"):
+        scaler.load_state_dict(states["scaler"])
     return json.loads((path / "state.json").read_text())
 
 

@@ -16,6 +16,7 @@ from ..atomic import atomic_write_text
 from ..control import CONTROL_KINDS
 from ..errors import EtherError
 from ..paths import default_output_dir
+from ..runtime import DEVICES
 
 
 @dataclass
@@ -44,6 +45,7 @@ class TrainingConfig:
     resolution: int | None = None
     center_crop: bool = True
     seed: int = 0
+    device: str = "auto"
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
     cache_latents: bool = False
@@ -72,6 +74,8 @@ class TrainingConfig:
             raise EtherError(f"learning_rate must be positive, got {self.learning_rate}")
         if self.train_batch_size < 1 or self.gradient_accumulation_steps < 1:
             raise EtherError("train_batch_size and gradient_accumulation_steps must be at least 1")
+        if self.device not in DEVICES:
+            raise EtherError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise EtherError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.checkpointing_steps < 1:

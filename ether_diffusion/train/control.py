@@ -37,6 +37,7 @@ from .loop import (
     TextConditioner,
     log_validation_grid,
     make_accelerator,
+    prepare_optimizer,
     open_run,
     prepare_base,
     resume,
@@ -89,8 +90,8 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
     params = [p for g in groups for p in g["params"]]
     n_encoder = sum(p.numel() for p in groups[0]["params"])
     n_params = sum(p.numel() for p in params)
-    optimizer = make_optimizer(groups, cfg)
-    lr_scheduler = make_lr_scheduler(optimizer, cfg)
+    optimizer = prepare_optimizer(accelerator, make_optimizer(groups, cfg))
+    lr_scheduler = make_lr_scheduler(optimizer.optimizer, cfg)
 
     def write_adapter(path: Path, steps: int) -> Path:
         info = {"base_model": describe_base(cfg.base), "control_encoder_parameters": n_encoder,
@@ -106,7 +107,8 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
             copy_vectors(saved, {"unet": pipe.unet}, ADAPTER_NAME)
         encoder.load_state_dict(saved.extra_tensors(CONTROL_MODULE))
 
-    start_step = resume(cfg, output_dir, restore, optimizer, lr_scheduler, accelerator.is_main_process)
+    start_step = resume(cfg, output_dir, restore, optimizer, lr_scheduler, accelerator.is_main_process,
+                        accelerator.scaler)
     conditioning = TextConditioner(pipe, device, cache=True)
     latents_of = LatentSource(pipe, [Example(Path(""), r.image, r.caption) for r in rows], resolution, device,
                               cache=cfg.cache_latents)

@@ -37,6 +37,7 @@ from .loop import (
     TextConditioner,
     log_validation_grid,
     make_accelerator,
+    prepare_optimizer,
     open_run,
     prepare_base,
     resume,
@@ -152,8 +153,8 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
         pipe.unet.train()  # diffusers checkpoints only in training mode
     params = [p for g in groups for p in g["params"]]
     n_params = sum(p.numel() for p in params)
-    optimizer = make_optimizer(groups, cfg)
-    lr_scheduler = make_lr_scheduler(optimizer, cfg)
+    optimizer = prepare_optimizer(accelerator, make_optimizer(groups, cfg))
+    lr_scheduler = make_lr_scheduler(optimizer.optimizer, cfg)
 
     def write_adapter(path: Path, steps: int) -> Path | None:
         if not cfg.train_adapters:
@@ -166,7 +167,7 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
         return save_adapter(path, components, ADAPTER_NAME, info=info)
 
     start_step = resume(cfg, output_dir, lambda f: copy_vectors(f, components, ADAPTER_NAME), optimizer,
-                        lr_scheduler, accelerator.is_main_process)
+                        lr_scheduler, accelerator.is_main_process, accelerator.scaler)
 
     conditioning = TextConditioner(pipe, device, cache=not cfg.train_text_encoder)
 

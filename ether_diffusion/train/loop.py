@@ -8,6 +8,7 @@ how to draw validation images.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,12 +20,23 @@ from ..adapter_file import AdapterFile, read_adapter_file
 from ..data import Example, check_resolution, prepare
 from ..errors import EtherError
 from ..pipelines import load_pipeline
+from ..runtime import resolve_device
 from .common import check_finite, encode_text, load_checkpoint_state, resolve_resume, save_checkpoint
 from .config import TrainingConfig, save_resolved
 
 
+# accelerate's loss-scaled optimiser step re-wraps `optimizer.step`, which torch's LR scheduler mistakes for a call
+# order problem; the order here is right (optimiser step, then schedule step, skipped with the optimiser's).
+warnings.filterwarnings("ignore", message=r"Seems like `optimizer.step\(\)` has been overridden")
+
+
 def make_accelerator(cfg: TrainingConfig):
-    """accelerate's Accelerator for this run (CPU when no GPU; TensorBoard logging when installed)."""
+    """accelerate's Accelerator for this run (`cfg.device`, auto: the GPU when present; TensorBoard logging when
+    installed).
+
+    fp16 always trains with dynamic loss scaling: accelerate provides the GradScaler on GPUs; on a CPU, where it
+    provides none but the base still runs in fp16, a CPU GradScaler takes its place, so the same code path runs.
+    """
     from accelerate import Accelerator
 
     log_with = None
@@ -34,8 +46,22 @@ def make_accelerator(cfg: TrainingConfig):
         log_with = "tensorboard"
     except ImportError:
         pass
-    return Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available(), log_with=log_with,
-                       project_dir=cfg.output_dir)
+    # accelerate keeps one process-wide state; a second run in the same process (a notebook, the app, tests)
+    # with another precision must start from a clean one (the distributed part, PartialState, is kept)
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=resolve_device(cfg.device).type == "cpu",
+                              log_with=log_with, project_dir=cfg.output_dir)
+    if cfg.mixed_precision == "fp16" and accelerator.scaler is None:
+        accelerator.scaler = torch.amp.GradScaler(accelerator.device.type)
+    return accelerator
+
+
+def prepare_optimizer(accelerator, optimizer):
+    """The optimiser wrapped by accelerate: its step goes through the loss scaler (skipping steps whose
+    gradients overflowed). The trainable vectors stay where they are; the loop all-reduces their gradients."""
+    return accelerator.prepare_optimizer(optimizer, device_placement=False)
 
 
 def prepare_base(cfg: TrainingConfig, device, pipe=None):
@@ -147,15 +173,15 @@ def open_run(cfg: TrainingConfig, pipe, accelerator, output_dir: Path, tracker: 
 
 
 def resume(cfg: TrainingConfig, output_dir: Path, restore: Callable[[AdapterFile], None], optimizer, lr_scheduler,
-           is_main: bool) -> int:
-    """Restore adapter weights and optimiser / schedule from a checkpoint; return the step to start at."""
+           is_main: bool, scaler=None) -> int:
+    """Restore adapter weights, optimiser, schedule and loss scaler from a checkpoint; return the step to start at."""
     resume_from = resolve_resume(output_dir, cfg.resume_from_checkpoint)
     if resume_from is None:
         if cfg.resume_from_checkpoint and is_main:
             print(f"no checkpoint in {output_dir} yet; starting from step 0")
         return 0
     restore(read_adapter_file(resume_from / "adapter.safetensors"))
-    step = load_checkpoint_state(resume_from, optimizer, lr_scheduler)["step"]
+    step = load_checkpoint_state(resume_from, optimizer, lr_scheduler, scaler)["step"]
     if is_main:
         print(f"resuming from {resume_from} at step {step}")
     return step
@@ -174,8 +200,14 @@ def run_steps(
     validate: Callable[[int], str],
 ) -> tuple[float, list[str], float]:
     """Steps start_step … max_steps. `micro_loss(step, micro)` returns one micro-batch's loss, already divided
-    by the accumulation count. Returns (last loss, validation image paths, seconds)."""
+    by the accumulation count. Returns (last loss, validation image paths, seconds).
+
+    Each step: backward through the loss scaler (fp16), one all-reduce of the loss (so a non-finite loss stops
+    every rank, not one rank while the others wait), one all-reduce of the small flattened gradients, unscale,
+    clip, optimiser step (skipped by the scaler on overflow, and the schedule with it).
+    """
     world = accelerator.num_processes
+    scaler = accelerator.scaler
     validation_images: list[str] = []
     bar = tqdm(total=cfg.max_steps, initial=start_step, desc="train", unit="step",
                disable=not accelerator.is_local_main_process)
@@ -184,20 +216,24 @@ def run_steps(
         total = torch.zeros((), device=accelerator.device)
         for micro in range(cfg.gradient_accumulation_steps):
             loss = micro_loss(step, micro)
-            loss.backward()
-            total += loss.detach()
-        check_finite(total, step + 1, output_dir)
+            accelerator.backward(loss)
+            total += loss.detach().float()
+        mean_loss = accelerator.reduce(total, reduction="mean") if world > 1 else total
+        check_finite(mean_loss, step + 1, output_dir)
         if world > 1:  # the trainable tensors are small: one all-reduce of their flattened gradients
             grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
             flat = accelerator.reduce(torch.cat([g_.flatten() for g_ in grads]), reduction="mean")
             for p, chunk in zip(params, flat.split([p.numel() for p in params])):
                 p.grad = chunk.view_as(p)
+        if scaler is not None:
+            scaler.unscale_(optimizer.optimizer)  # true gradients before clipping
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        lr_scheduler.step()
+        if not optimizer.step_was_skipped:
+            lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        loss_value = float(accelerator.reduce(total, reduction="mean")) if world > 1 else float(total)
+        loss_value = float(mean_loss)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.4f}")
@@ -205,7 +241,7 @@ def run_steps(
         if done % cfg.checkpointing_steps == 0 or done == cfg.max_steps:  # the last one lets a run be extended
             if accelerator.is_main_process:
                 save_checkpoint(output_dir, done, lambda p, d=done: write_adapter(p, d), optimizer, lr_scheduler,
-                                {"loss": loss_value}, cfg.checkpoints_total_limit)
+                                {"loss": loss_value}, cfg.checkpoints_total_limit, scaler)
             accelerator.wait_for_everyone()
         if cfg.validation_steps and (done % cfg.validation_steps == 0 or done == cfg.max_steps):
             if accelerator.is_main_process:
