@@ -1,13 +1,17 @@
 """Adapter files: one `.safetensors` file with the vectors and JSON metadata that says what they are.
 
-The format is specified in docs/adapter-format.md. Loading validates everything before any model is touched
-and raises `AdapterFileError` with a message that names the problem.
+The format is specified in docs/adapter-format.md. Reading checks, in this order and before any tensor is read:
+the file's size (capped), the metadata (schema, types, ranges, block counts), and the tensor table from the
+header (names, shapes, dtypes); then it reads the tensors and checks their checksum and values. Loading into a
+model checks the base, attaches every component, and on any error detaches what it attached: a failed load
+leaves every model exactly as it was. Every problem is an `AdapterFileError` whose message names it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,9 +22,9 @@ from safetensors.torch import save
 
 from .atomic import atomic_write_bytes
 from .control import attach_control, build_encoder, control_encoders
-from .errors import AdapterFileError
-from .inject import add_adapter, adapter_modules, ether_layers
-from .layers import AdapterConfig, EtherLayer, is_adaptable, layer_sizes
+from .errors import AdapterFileError, EtherError
+from .inject import add_adapter, adapter_modules, delete_adapter, ether_layers
+from .layers import AdapterConfig, EtherLayer, check_blocks, is_adaptable, layer_sizes
 from .naming import canonical_layer_name, installed_layer_name
 
 FORMAT_NAME = "ether-diffusion-adapter"
@@ -29,6 +33,11 @@ METADATA_KEY = "ether_diffusion"
 VECTOR_NAMES = ("u_input", "v_input", "u_output", "v_output")
 EXTRA_PREFIX = "extra."  # non-ETHER tensors (e.g. a control encoder) live under "extra.<module>.<param>"
 CONTROL_MODULE = "control_encoder"
+CHECKSUM_KEY = "ether_diffusion_sha256"  # over the metadata JSON and every tensor: any changed byte is caught
+COMPONENT_NAMES = ("unet", "text_encoder", "text_encoder_2")
+MAX_SIZE_ENV = "ETHER_DIFFUSION_MAX_ADAPTER_MB"
+DEFAULT_MAX_MB = 1024.0
+MAX_WIDTH = 1 << 20  # no diffusion model has a layer this wide; larger numbers are corruption
 
 
 @dataclass
@@ -131,71 +140,173 @@ def save_adapter(
         meta["control"] = {"kind": kind, "encoder": config}
         for key, value in encoder.state_dict().items():
             tensors[f"{EXTRA_PREFIX}{CONTROL_MODULE}.{key}"] = value.detach().to("cpu", torch.float32).contiguous()
-    data = save(tensors, metadata={"format": "pt", METADATA_KEY: json.dumps(meta)})
+    meta_json = json.dumps(meta)
+    data = save(tensors, metadata={"format": "pt", METADATA_KEY: meta_json,
+                                   CHECKSUM_KEY: content_checksum(meta_json, tensors)})
     return atomic_write_bytes(path, data)
 
 
-def _expected_keys(comp: str, meta: dict) -> set[str]:
-    config = AdapterConfig(**meta["config"])
-    vecs = [f"u_{s}" for s in config.side_list] + ([f"v_{s}" for s in config.side_list] if config.spec.has_v else [])
-    return {f"{comp}.{layer}.{v}" for layer in meta["layers"] for v in vecs}
+def content_checksum(meta_json: str, tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the metadata JSON and every tensor's name and bytes, in name order."""
+    h = hashlib.sha256(meta_json.encode())
+    for key in sorted(tensors):
+        h.update(key.encode())
+        h.update(tensors[key].detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
-def _expected_shape(key: str, comp_meta: dict) -> tuple[int]:
-    layer, vec = key.split(".", 1)[1].rsplit(".", 1)
-    in_f, out_f = comp_meta["layers"][layer]
-    return (in_f if vec.endswith("input") else out_f,)
+def max_adapter_bytes() -> int:
+    """The largest adapter file read: `ETHER_DIFFUSION_MAX_ADAPTER_MB` megabytes (default 1024)."""
+    raw = os.environ.get(MAX_SIZE_ENV, "")
+    try:
+        megabytes = float(raw) if raw else DEFAULT_MAX_MB
+    except ValueError:
+        raise AdapterFileError(f"{MAX_SIZE_ENV}={raw!r} is not a number of megabytes") from None
+    return int(megabytes * 2**20)
+
+
+def _is_int(value, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_component(comp: str, meta) -> AdapterConfig:
+    """Schema of one `components` entry; returns its adapter config. Raises ValueError naming the problem."""
+    if comp not in COMPONENT_NAMES:
+        raise ValueError(f"unknown component {comp!r} (known: {', '.join(COMPONENT_NAMES)})")
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict) or not isinstance(meta.get("layers"), dict):
+        raise ValueError(f"component {comp!r} needs a 'config' object and a 'layers' object")
+    config = meta["config"]
+    if set(config) != {"method", "n_blocks", "sides", "targets"} or not _is_int(config["n_blocks"], 1, MAX_WIDTH) \
+            or not all(isinstance(config[k], str) for k in ("method", "sides", "targets")):
+        raise ValueError(f"component {comp!r}: config must be {{method, n_blocks (int ≥ 1), sides, targets}}, "
+                         f"got {json.dumps(config)[:200]}")
+    try:
+        parsed = AdapterConfig(**config)
+    except (AdapterFileError, ValueError) as exc:
+        raise ValueError(f"component {comp!r}: {exc}") from None
+    if not meta["layers"]:
+        raise ValueError(f"component {comp!r} lists no layers")
+    for layer, sizes in meta["layers"].items():
+        if not (isinstance(sizes, list) and len(sizes) == 2 and all(_is_int(v, 1, MAX_WIDTH) for v in sizes)):
+            raise ValueError(f"{comp} layer {layer!r}: sizes must be [in, out] positive integers, got "
+                             f"{json.dumps(sizes)[:80]}")
+        try:
+            check_blocks(parsed, sizes[0], sizes[1], f"{comp}.{layer}")
+        except EtherError as exc:
+            raise ValueError(str(exc)) from None
+    for key in ("fingerprint", "weight_hash"):
+        if meta.get(key) is not None and not isinstance(meta[key], str):
+            raise ValueError(f"component {comp!r}: {key} must be a string")
+    return parsed
+
+
+def _check_control(control) -> None:
+    if not isinstance(control, dict) or not isinstance(control.get("kind"), str) \
+            or not isinstance(control.get("encoder"), dict):
+        raise ValueError("malformed control metadata (needs 'kind' and 'encoder')")
+    enc = control["encoder"]
+    blocks = enc.get("block_out_channels")
+    if not (_is_int(enc.get("conditioning_embedding_channels"), 1, 8192)
+            and _is_int(enc.get("conditioning_channels", 3), 1, 16)
+            and isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(_is_int(b, 1, 4096) for b in blocks)):
+        raise ValueError(f"malformed control encoder config {json.dumps(enc)[:200]}")
+
+
+def parse_metadata(raw: str) -> dict:
+    """The `ether_diffusion` JSON, schema-checked (types, ranges, block counts). Raises ValueError."""
+    try:
+        meta = json.loads(raw)
+    except RecursionError:
+        raise ValueError("adapter metadata is nested too deeply") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"adapter metadata is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"adapter metadata must be a JSON object, not {type(meta).__name__}")
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(f"unknown format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"format version {meta.get('format_version')!r} is not supported (this ether-diffusion "
+                         f"reads version {FORMAT_VERSION}); upgrade ether-diffusion")
+    if not isinstance(meta.get("components"), dict):
+        raise ValueError("adapter metadata needs a 'components' object")
+    if meta.get("name") is not None and not isinstance(meta["name"], str):
+        raise ValueError("adapter metadata 'name' must be a string")
+    for comp, comp_meta in meta["components"].items():
+        _check_component(comp, comp_meta)
+    if meta.get("control") is not None:
+        _check_control(meta["control"])
+    elif not meta["components"]:
+        raise ValueError("the adapter holds neither ETHER vectors nor a control encoder")
+    return meta
+
+
+def _expected_tensors(meta: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor name → shape that the metadata implies for the ETHER vectors."""
+    out = {}
+    for comp, comp_meta in meta["components"].items():
+        config = AdapterConfig(**comp_meta["config"])
+        vectors = [f"u_{s}" for s in config.side_list] + ([f"v_{s}" for s in config.side_list] if config.spec.has_v else [])
+        for layer, (in_f, out_f) in comp_meta["layers"].items():
+            for vec in vectors:
+                out[f"{comp}.{layer}.{vec}"] = (in_f if vec.endswith("input") else out_f,)
+    return out
+
+
+def _expected_encoder_tensors(control: dict) -> dict[str, tuple[int, ...]]:
+    """The control encoder's parameter shapes, from a model built on the meta device (no memory)."""
+    with torch.device("meta"):
+        encoder = build_encoder(control["encoder"])
+    return {f"{EXTRA_PREFIX}{CONTROL_MODULE}.{k}": tuple(v.shape) for k, v in encoder.state_dict().items()}
 
 
 def read_adapter_file(path: str | Path) -> AdapterFile:
-    """Open and validate an adapter file on its own (format, version, tensor set, shapes, finite values)."""
+    """Open and validate an adapter file on its own: size, metadata, tensor table, checksum, values."""
     path = Path(path)
     if not path.is_file():
         raise AdapterFileError(f"adapter file not found: {path}")
+    size, cap = path.stat().st_size, max_adapter_bytes()
+    if size > cap:
+        raise AdapterFileError(f"{path} is {size / 2**20:.1f} MB, above the {cap / 2**20:.0f} MB limit for adapter "
+                               f"files (set {MAX_SIZE_ENV} to raise it)")
     try:
         with safe_open(str(path), framework="pt") as fh:
             raw_meta = fh.metadata() or {}
-            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        raise AdapterFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): {exc}") from None
-    if METADATA_KEY not in raw_meta:
-        raise AdapterFileError(f"{path} is a safetensors file but not an ether-diffusion adapter (no metadata)")
-    try:
-        meta = json.loads(raw_meta[METADATA_KEY])
-    except json.JSONDecodeError as exc:
-        raise AdapterFileError(f"{path}: adapter metadata is not valid JSON: {exc}") from None
-    if meta.get("format") != FORMAT_NAME:
-        raise AdapterFileError(f"{path}: unknown format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise AdapterFileError(f"{path}: format version {meta.get('format_version')!r} is not supported "
-                               f"(this ether-diffusion reads version {FORMAT_VERSION}); upgrade ether-diffusion")
-    try:
-        expected = set().union(*(_expected_keys(c, m) for c, m in meta["components"].items()))
-    except (KeyError, TypeError, ValueError, AdapterFileError) as exc:
-        raise AdapterFileError(f"{path}: malformed adapter metadata: {exc}") from None
-    present = {k for k in tensors if not k.startswith(EXTRA_PREFIX)}
-    if present != expected:
-        missing, extra = sorted(expected - present), sorted(present - expected)
+            if METADATA_KEY not in raw_meta:
+                raise AdapterFileError(f"{path} is a safetensors file but not an ether-diffusion adapter (no metadata)")
+            try:
+                meta = parse_metadata(raw_meta[METADATA_KEY])
+                expected = _expected_tensors(meta)
+                if meta.get("control") is not None:
+                    expected.update(_expected_encoder_tensors(meta["control"]))
+            except (ValueError, TypeError, KeyError, RuntimeError) as exc:
+                raise AdapterFileError(f"{path}: {exc}") from None
+            table = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+            _check_table(path, table, expected)
+            tensors = {k: fh.get_tensor(k) for k in table}
+    except AdapterFileError:
+        raise
+    except (SafetensorError, OSError, ValueError, RuntimeError, OverflowError) as exc:
+        raise AdapterFileError(f"{path} is not a readable safetensors file (truncated or corrupt?): "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if CHECKSUM_KEY in raw_meta and content_checksum(raw_meta[METADATA_KEY], tensors) != raw_meta[CHECKSUM_KEY]:
+        raise AdapterFileError(f"{path}: checksum mismatch: the file was changed or damaged after it was written")
+    for key, value in tensors.items():
+        if not torch.isfinite(value).all():
+            raise AdapterFileError(f"{path}: tensor {key} contains NaN or infinite values")
+    return AdapterFile(path, meta, tensors)
+
+
+def _check_table(path: Path, table: dict[str, tuple[tuple[int, ...], str]], expected: dict[str, tuple[int, ...]]) -> None:
+    """Tensor names, shapes and dtypes from the header against what the metadata implies."""
+    if set(table) != set(expected):
+        missing, extra = sorted(set(expected) - set(table)), sorted(set(table) - set(expected))
         raise AdapterFileError(f"{path}: tensors do not match the metadata; missing {missing[:3]}"
                                f"{' …' if len(missing) > 3 else ''} ({len(missing)}), unexpected {extra[:3]} ({len(extra)})")
-    for key in sorted(present):
-        comp = key.split(".", 1)[0]
-        shape = _expected_shape(key, meta["components"][comp])
-        if tuple(tensors[key].shape) != shape:
-            raise AdapterFileError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, metadata says {shape}")
-    for key, value in tensors.items():
-        if value.is_floating_point() and not torch.isfinite(value).all():
-            raise AdapterFileError(f"{path}: tensor {key} contains NaN or infinite values")
-    parsed = AdapterFile(path, meta, tensors)
-    if parsed.control is not None:
-        if not isinstance(parsed.control, dict) or not isinstance(parsed.control.get("encoder"), dict):
-            raise AdapterFileError(f"{path}: malformed control metadata (needs 'kind' and 'encoder')")
-        if not parsed.extra_tensors(CONTROL_MODULE):
-            raise AdapterFileError(f"{path}: metadata describes a control encoder but the file holds no "
-                                   f"{EXTRA_PREFIX}{CONTROL_MODULE}.* tensors")
-    elif not meta["components"]:
-        raise AdapterFileError(f"{path}: the adapter holds neither ETHER vectors nor a control encoder")
-    return parsed
+    for key, (shape, dtype) in sorted(table.items()):
+        if shape != expected[key]:
+            raise AdapterFileError(f"{path}: tensor {key} has shape {shape}, metadata says {expected[key]}")
+        if dtype != "F32":
+            raise AdapterFileError(f"{path}: tensor {key} is {dtype}; adapter tensors are float32 (F32)")
 
 
 def control_encoder_from(adapter: AdapterFile) -> torch.nn.Module:
@@ -261,12 +372,23 @@ def load_adapter(
     if taken or ("unet" in components and name in control_encoders(components["unet"])):
         raise AdapterFileError(f"an adapter named {name!r} is already loaded; pass another name")
     encoder = control_encoder_from(adapter) if adapter.control is not None else None
-    for comp in adapter.components:
-        add_adapter(components[comp], name, adapter.config(comp),
-                    layer_names=list(resolve_layers(adapter, comp, components[comp])))
-    copy_vectors(adapter, components, name)
-    if encoder is not None:
-        attach_control(components["unet"], name, encoder, adapter.control.get("kind", "other"))
+    grad_flags = {comp: [p.requires_grad for p in components[comp].parameters()] for comp in adapter.components}
+    attached: list[str] = []
+    try:
+        for comp in adapter.components:
+            add_adapter(components[comp], name, adapter.config(comp),
+                        layer_names=list(resolve_layers(adapter, comp, components[comp])))
+            attached.append(comp)
+        copy_vectors(adapter, components, name)
+        if encoder is not None:
+            attach_control(components["unet"], name, encoder, adapter.control.get("kind", "other"))
+    except BaseException:  # leave every model exactly as it was: wrappers, adapters and gradient flags
+        for comp in attached:
+            delete_adapter(components[comp], name)
+        for comp, flags in grad_flags.items():
+            for p, flag in zip(components[comp].parameters(), flags):
+                p.requires_grad_(flag)
+        raise
     return name, adapter
 
 

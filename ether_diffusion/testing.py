@@ -124,3 +124,18 @@ def random_lpips_weights(folder) -> tuple[dict, dict]:
     torch.save(trunk, folder / ALEXNET_FILE)
     torch.save(heads, folder / HEADS_FILE)
     return trunk, heads
+
+
+def write_adapter_tensors(out, tensors: dict, metadata: dict | str, checksum: bool = True):
+    """Write an adapter file from raw parts, as a writer would (with a valid checksum unless told otherwise): lets
+    tests build files that are wrong in exactly one way."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from .adapter_file import CHECKSUM_KEY, METADATA_KEY, content_checksum
+
+    meta_json = metadata if isinstance(metadata, str) else json.dumps(metadata)
+    extra = {CHECKSUM_KEY: content_checksum(meta_json, tensors)} if checksum else {}
+    save_file(tensors, str(out), metadata={"format": "pt", METADATA_KEY: meta_json, **extra})
+    return out

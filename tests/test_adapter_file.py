@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 from ether_diffusion import AdapterConfig, AdapterFileError, add_adapter, list_adapters
 from ether_diffusion.adapter_file import describe, load_adapter, read_adapter_file, save_adapter
 from ether_diffusion.inject import adapter_modules
-from ether_diffusion.testing import tiny_sd_pipeline
+from ether_diffusion.testing import tiny_sd_pipeline, write_adapter_tensors
 
 
 @pytest.fixture
@@ -54,13 +54,10 @@ def _rewrite(path, out, tensors=None, meta_edit=None):
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
-        meta = dict(fh.metadata())
+        inner = json.loads(fh.metadata()["ether_diffusion"])
     if meta_edit:
-        inner = json.loads(meta["ether_diffusion"])
         meta_edit(inner)
-        meta["ether_diffusion"] = json.dumps(inner)
-    save_file(tensors, out, metadata=meta)
-    return out
+    return write_adapter_tensors(out, tensors, inner)
 
 
 def test_truncated_file(saved, tmp_path):

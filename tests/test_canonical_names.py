@@ -12,14 +12,14 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ether_diffusion import AdapterConfig, add_adapter
 from ether_diffusion.adapter_file import load_adapter, save_adapter
 from ether_diffusion.export import export_lora, lora_key_names
 from ether_diffusion.inject import adapter_modules, ether_layers
 from ether_diffusion.pipelines import pipeline_components
-from ether_diffusion.testing import tiny_sd_pipeline
+from ether_diffusion.testing import tiny_sd_pipeline, write_adapter_tensors
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -144,8 +144,7 @@ def _drop_text_model(path, out):
     meta = json.loads(raw["ether_diffusion"])
     layers = meta["components"]["text_encoder"]["layers"]
     meta["components"]["text_encoder"]["layers"] = {k.removeprefix("text_model."): v for k, v in layers.items()}
-    save_file(tensors, str(out), metadata={**raw, "ether_diffusion": json.dumps(meta)})
-    return out
+    return write_adapter_tensors(out, tensors, meta)
 
 
 @pytest.mark.parametrize("spelling", ["canonical", "without text_model"])

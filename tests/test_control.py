@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ether_diffusion import AdapterConfig, EtherError, add_adapter
 from ether_diffusion.adapter_file import AdapterFileError, describe, read_adapter_file, save_adapter
@@ -17,7 +17,7 @@ from ether_diffusion.cli import main as cli_main
 from ether_diffusion.control import attach_control, build_encoder, control_image, encoder_config, prepare_control_image
 from ether_diffusion.data import load_control_folder
 from ether_diffusion.pipelines import generate, load_ether_weights, set_ether_adapters, unload_ether_weights
-from ether_diffusion.testing import tiny_sd_pipeline
+from ether_diffusion.testing import tiny_sd_pipeline, write_adapter_tensors
 from ether_diffusion.toyworld import world
 from ether_diffusion.toyworld.control_data import write_control_dataset
 from ether_diffusion.train import ControlConfig, train_control
@@ -126,15 +126,15 @@ def test_files_that_do_not_fit_are_refused(tmp_path):
 
     good = _control_file(tmp_path)
     with safe_open(str(good), "pt") as fh:
-        meta = fh.metadata()
+        meta = fh.metadata()["ether_diffusion"]
     tensors = {k: v for k, v in load_file(good).items() if not k.startswith("extra.")}
-    save_file(tensors, tmp_path / "no-encoder.safetensors", metadata=meta)
-    with pytest.raises(AdapterFileError, match="holds no extra.control_encoder"):
+    write_adapter_tensors(tmp_path / "no-encoder.safetensors", tensors, meta)
+    with pytest.raises(AdapterFileError, match=r"missing \['extra.control_encoder"):
         read_adapter_file(tmp_path / "no-encoder.safetensors")
     tensors = load_file(good)
     tensors["extra.control_encoder.conv_out.weight"] = tensors["extra.control_encoder.conv_out.weight"][:, :5].contiguous()
-    save_file(tensors, tmp_path / "bad-shape.safetensors", metadata=meta)
-    with pytest.raises(AdapterFileError, match="control encoder does not match its metadata"):
+    write_adapter_tensors(tmp_path / "bad-shape.safetensors", tensors, meta)
+    with pytest.raises(AdapterFileError, match="extra.control_encoder.conv_out.weight has shape"):
         load_ether_weights(tiny_sd_pipeline(), tmp_path / "bad-shape.safetensors")
 
 
