@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import EtherError
@@ -201,9 +203,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+PACKAGE_DIR = str(Path(__file__).resolve().parent)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Our own warnings as plain `warning: …` lines; other libraries' Python warnings are dropped."""
+    if str(Path(filename).resolve()).startswith(PACKAGE_DIR):
+        print(f"warning: {message}", file=sys.stderr)
+
+
+def quiet_libraries() -> None:
+    """Silence third-party chatter (transformers / diffusers advice, deprecations) for a clean command output;
+    `--debug` keeps all of it. Set before those libraries are imported, so their loggers start quiet."""
+    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; our own progress bars stay
+    import logging
+
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.showwarning = _show_warning
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.debug:
+        quiet_libraries()
     try:
         args.func(args)
     except EtherError as exc:

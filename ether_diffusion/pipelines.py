@@ -29,6 +29,10 @@ def describe_base(base: str | None) -> str:
 
 def _load_from(source: str, dtype: torch.dtype, offline_only: bool):
     from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # diffusers' own loading bar ignores the hub's switch
+        diffusers_logging.disable_progress_bar()
 
     return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
                                              local_files_only=offline_only)

@@ -237,3 +237,37 @@ def test_fp16_trains_through_the_loss_scaler_skips_overflowing_steps_and_resumes
         torch.testing.assert_close(final[key], resumed[key], atol=1e-6, rtol=1e-5)
     resumed_state = torch.load(interrupted / "checkpoint-8" / "optimizer.pt", weights_only=True)
     assert resumed_state["scaler"]["scale"] == state["scaler"]["scale"]
+
+
+@pytest.mark.parametrize("change", [{"n_blocks": 2}, {"method": "ether"}, {"sides": "input"}])
+def test_resume_with_other_adapter_settings_is_refused_by_name(instance_dir, tmp_path, change):
+    kw = dict(max_steps=2, checkpointing_steps=2, method="etherplus", n_blocks=1)
+    train_dreambooth(config(instance_dir, tmp_path, **kw), pipe=tiny_sd_pipeline())
+    kw.update(change, max_steps=4)
+    with pytest.raises(EtherError, match=f"other adapter settings.*{next(iter(change))}"):
+        train_dreambooth(config(instance_dir, tmp_path, resume_from_checkpoint="latest", **kw), pipe=tiny_sd_pipeline())
+
+
+@pytest.mark.parametrize("text,problem", [
+    ('learning_rate = "6e-3"\nmax_steps = 1e3', None),
+    ("max_steps = 1.5", "max_steps"),
+    ('max_steps = "many"', "max_steps"),
+    ("checkpoints_total_limit = 0", "checkpoints_total_limit"),
+    ("validation_prompts = 3", "validation_prompts"),
+])
+def test_config_files_are_typed_before_any_model_loads(instance_dir, tmp_path, text, problem, capsys, monkeypatch):
+    from ether_diffusion.cli import main
+    from ether_diffusion.train import loop
+
+    (tmp_path / "c.toml").write_text(text + "\n")
+    loads = []
+    monkeypatch.setattr(loop, "load_pipeline", lambda *a, **k: loads.append(1) or (_ for _ in ()).throw(
+        EtherError("stop here: the config was accepted")))
+    code = main(["train", "dreambooth", "--config", str(tmp_path / "c.toml"), "--instance-dir", str(instance_dir),
+                 "--instance-prompt", "a sks circle", "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    if problem is None:  # accepted, converted: training went on to load the model
+        assert "stop here" in err[0]
+    else:
+        assert problem in err[0] and not loads, err

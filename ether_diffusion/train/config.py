@@ -80,6 +80,9 @@ class TrainingConfig:
             raise EtherError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
         if self.checkpointing_steps < 1:
             raise EtherError(f"checkpointing_steps must be at least 1, got {self.checkpointing_steps}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise EtherError(f"checkpoints_total_limit must be at least 1 (or unset: keep all), "
+                             f"got {self.checkpoints_total_limit}")
 
 
 @dataclass
@@ -174,13 +177,22 @@ def read_config_file(path: str | Path) -> dict:
 
 
 def build_config(cls, file_values: dict, overrides: dict):
-    """Defaults ← file ← flags (flags given as non-None values win). Unknown keys are an error."""
+    """Defaults ← file ← flags (flags given as non-None values win), type-checked and converted by pydantic
+    (YAML's `6e-3` string becomes a float, TOML's `1e3` an int, `1.5` steps is refused) before anything loads.
+    Unknown keys and wrong types are one-line errors."""
+    from pydantic import TypeAdapter, ValidationError
+
     known = {f.name for f in fields(cls)}
     unknown = sorted(set(file_values) - known)
     if unknown:
         raise EtherError(f"unknown setting(s) in config file: {', '.join(unknown)}")
     values = {**file_values, **{k: v for k, v in overrides.items() if v is not None and k in known}}
-    return cls(**values)
+    try:
+        return TypeAdapter(cls).validate_python(values)
+    except ValidationError as exc:
+        problems = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg'].lower()} (got {e['input']!r})"
+                    for e in exc.errors()]
+        raise EtherError(f"bad setting{'s' if len(problems) > 1 else ''}: {'; '.join(problems)}") from None
 
 
 def save_resolved(config, path: str | Path) -> None:

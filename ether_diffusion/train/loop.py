@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..adapter_file import AdapterFile, read_adapter_file
 from ..data import Example, check_resolution, prepare
 from ..errors import EtherError
+from ..layers import AdapterConfig
 from ..pipelines import load_pipeline
 from ..runtime import resolve_device
 from .common import check_finite, encode_text, load_checkpoint_state, resolve_resume, save_checkpoint
@@ -172,6 +173,19 @@ def open_run(cfg: TrainingConfig, pipe, accelerator, output_dir: Path, tracker: 
     return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
+def check_same_adapter(cfg: TrainingConfig, adapter: AdapterFile, where: Path) -> None:
+    """A checkpoint continues only the run it came from: same method, block count and sides on every component
+    (another block layout would silently reinterpret the vectors)."""
+    want = AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides, targets=cfg.targets).to_dict()
+    for comp, meta in adapter.components.items():
+        have = meta["config"]
+        changed = [f"{k} {have[k]!r} → {want[k]!r}" for k in ("method", "n_blocks", "sides") if have[k] != want[k]]
+        if changed:
+            raise EtherError(f"checkpoint {where} was trained with other adapter settings ({comp}: "
+                             f"{'; '.join(changed)}); resume with the settings it was trained with, or start a new "
+                             "--output-dir")
+
+
 def resume(cfg: TrainingConfig, output_dir: Path, restore: Callable[[AdapterFile], None], optimizer, lr_scheduler,
            is_main: bool, scaler=None) -> int:
     """Restore adapter weights, optimiser, schedule and loss scaler from a checkpoint; return the step to start at."""
@@ -180,7 +194,9 @@ def resume(cfg: TrainingConfig, output_dir: Path, restore: Callable[[AdapterFile
         if cfg.resume_from_checkpoint and is_main:
             print(f"no checkpoint in {output_dir} yet; starting from step 0")
         return 0
-    restore(read_adapter_file(resume_from / "adapter.safetensors"))
+    adapter = read_adapter_file(resume_from / "adapter.safetensors")
+    check_same_adapter(cfg, adapter, resume_from)
+    restore(adapter)
     step = load_checkpoint_state(resume_from, optimizer, lr_scheduler, scaler)["step"]
     if is_main:
         print(f"resuming from {resume_from} at step {step}")
