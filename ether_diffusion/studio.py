@@ -7,6 +7,8 @@ active set in place: the base model is loaded once.
 
 from __future__ import annotations
 
+import hashlib
+import re
 import shutil
 import threading
 from dataclasses import dataclass, field
@@ -15,11 +17,13 @@ from pathlib import Path
 from PIL import Image
 
 from .adapter_file import check_base, read_adapter_file
+from .atomic import atomic_write
 from .control import needed_control
 from .errors import EtherError
 from .ether import SWEEP_STRENGTHS
 from .pipelines import (
     adapter_file_info,
+    delete_ether_adapters,
     disable_ether,
     enable_ether,
     generate,
@@ -66,32 +70,48 @@ class Studio:
         self.adapters_dir = Path(adapters_dir)
         self.uploads_dir = Path(uploads_dir) if uploads_dir else self.adapters_dir / "uploads"
         self.lock = threading.RLock()  # one request at a time: the active set is shared state
-        self._loaded: dict[Path, str] = {}
+        self._loaded: dict[Path, tuple[str, tuple[int, int]]] = {}  # file → (internal name, file version)
+        self._display: dict[str, str] = {}  # internal name → listed file name, for messages
+        self._counter = 0
         self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
 
     # -- adapter library --------------------------------------------------------------------------------------
 
     def list_adapters(self) -> list[str]:
-        """Adapter files under the adapters folder (uploads included), as names relative to it."""
+        """Adapter files under the adapters folder (uploads included), as names relative to it.
+
+        Skipped: hidden paths (in-progress `.checkpoint-N.tmp/` folders, temporary files) and links that lead
+        outside the folder (a bad link never stops the app; it is just not offered).
+        """
         roots = [self.adapters_dir] + ([self.uploads_dir] if not self._inside(self.uploads_dir) else [])
         found = []
         for root in roots:
-            if root.is_dir():
-                found += [self._name(p) for p in sorted(root.rglob("*.safetensors")) if ".tmp" not in p.name]
+            if not root.is_dir():
+                continue
+            for path in sorted(root.rglob("*.safetensors")):
+                relative = path.relative_to(root)
+                if any(part.startswith(".") for part in relative.parts) or ".tmp" in path.name:
+                    continue
+                name = self._name(path)
+                if name is not None:
+                    found.append(name)
         return found
 
-    def _inside(self, path: Path) -> bool:
+    def _inside(self, path: Path, root: Path | None = None) -> bool:
         try:
-            path.resolve().relative_to(self.adapters_dir.resolve())
+            path.resolve().relative_to((root or self.adapters_dir).resolve())
             return True
-        except ValueError:
+        except (ValueError, OSError, RuntimeError):  # outside, or a broken / looping link
             return False
 
-    def _name(self, path: Path) -> str:
+    def _name(self, path: Path) -> str | None:
+        """The listed name of a file, or None when it (or the link it is) resolves outside both folders."""
         if self._inside(path):
             return str(path.resolve().relative_to(self.adapters_dir.resolve()))
-        return "uploads/" + str(path.resolve().relative_to(self.uploads_dir.resolve()))
+        if self._inside(path, self.uploads_dir):
+            return "uploads/" + str(path.resolve().relative_to(self.uploads_dir.resolve()))
+        return None
 
     def resolve(self, name: str) -> Path:
         """A listed name → its path; anything else (absolute paths, '..') is refused."""
@@ -102,21 +122,43 @@ class Studio:
         return self.adapters_dir / name
 
     def add_upload(self, path: str | Path) -> str:
-        """Validate an uploaded file against the base, then keep a copy in the uploads folder."""
+        """Validate an uploaded file against the base, then keep a copy in the uploads folder, written atomically
+        under a name that starts with its content hash: two uploads called `ether_adapter.safetensors` never
+        overwrite each other, and the same file uploaded twice is kept once."""
+        path = Path(path)
         parsed = read_adapter_file(path)
         check_base(parsed, pipeline_components(self.pipe))
-        self.uploads_dir.mkdir(parents=True, exist_ok=True)
-        target = self.uploads_dir / Path(path).name
-        shutil.copyfile(path, target)
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()[:12]
+        stem = "".join(c if c.isalnum() or c in "-_." else "_" for c in path.stem).lstrip(".") or "adapter"
+        target = self.uploads_dir / f"{digest}-{stem}.safetensors"
+        if not target.exists():
+            atomic_write(target, lambda tmp: shutil.copyfile(path, tmp))
         return self._name(target)
 
     def ensure_loaded(self, name: str) -> str:
-        """The pipeline's adapter name for a listed file, loading (and validating) it on first use."""
+        """The pipeline's adapter name for a listed file, loading (and validating) it on first use and again
+        whenever the file changed since (a retrained adapter written to the same place)."""
         path = self.resolve(name).resolve()
-        if path not in self._loaded:
-            with self.lock:
-                self._loaded[path] = load_ether_weights(self.pipe, path, adapter_name=f"a{len(self._loaded)}")
-        return self._loaded[path]
+        stat = path.stat()
+        version = (stat.st_mtime_ns, stat.st_size)
+        with self.lock:  # check and load under one lock: two requests never load the same file twice
+            cached = self._loaded.get(path)
+            if cached is not None and cached[1] == version:
+                return cached[0]
+            if cached is not None:
+                delete_ether_adapters(self.pipe, cached[0])
+            internal = f"a{self._counter}"
+            self._counter += 1
+            load_ether_weights(self.pipe, path, adapter_name=internal)
+            self._loaded[path] = (internal, version)
+            self._display[internal] = name
+            return internal
+
+    def public_message(self, message: str) -> str:
+        """An error message with internal adapter names ('a3') replaced by the file names the user picked."""
+        for internal, name in self._display.items():
+            message = re.sub(rf"(?<![\w/]){re.escape(internal)}(?![\w.])", name, message)
+        return message
 
     def describe(self, name: str) -> dict:
         parsed = adapter_file_info(self.pipe, self.ensure_loaded(name))
@@ -155,7 +197,14 @@ class Studio:
                         control_image=hint)
 
     def run(self, req: Request, adapters: list[tuple[str, float]]) -> list[tuple[Image.Image, str]]:
-        """Images with captions for a request; the whole call holds the model lock (one request at a time)."""
+        """Images with captions for a request; the whole call holds the model lock (one request at a time).
+        Errors name adapters by the file names the user picked."""
+        try:
+            return self._run(req, adapters)
+        except EtherError as exc:
+            raise EtherError(self.public_message(str(exc))) from None
+
+    def _run(self, req: Request, adapters: list[tuple[str, float]]) -> list[tuple[Image.Image, str]]:
         if not req.prompt.strip():
             raise EtherError("the prompt is empty")
         if req.scheduler not in SCHEDULERS:

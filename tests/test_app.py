@@ -17,7 +17,7 @@ from ether_diffusion.adapter_file import save_adapter  # noqa: E402
 from ether_diffusion.app import NONE, build_app  # noqa: E402
 from ether_diffusion.control import build_encoder, encoder_config  # noqa: E402
 from ether_diffusion.ether import SWEEP_STRENGTHS  # noqa: E402
-from ether_diffusion.studio import Studio  # noqa: E402
+from ether_diffusion.studio import Request, Studio  # noqa: E402
 from ether_diffusion.testing import tiny_sd_pipeline  # noqa: E402
 from ether_diffusion.toyworld import world  # noqa: E402
 from ether_diffusion.train import DreamBoothConfig, train_dreambooth  # noqa: E402
@@ -101,8 +101,8 @@ def test_control_adapter_needs_and_follows_a_control_image(served):
     assert not np.array_equal(base[0], controlled[0])
     compare, _ = call(client, adapters=[("z-control/seg.safetensors", 1.0)], control=root / "map.png", mode="compare")
     assert np.array_equal(compare[0], base[0]) and np.array_equal(compare[1], controlled[0])
-    with pytest.raises(Exception, match=r"need a control image: a\d+ \(segmentation\)"):
-        call(client, adapters=[("z-control/seg.safetensors", 1.0)])
+    with pytest.raises(Exception, match=r"need a control image: z-control/seg.safetensors \(segmentation\)"):
+        call(client, adapters=[("z-control/seg.safetensors", 1.0)])  # the user's name, not an internal one
 
 
 def test_corrupt_upload_is_refused_and_the_app_keeps_working(served):
@@ -117,8 +117,9 @@ def test_corrupt_upload_is_refused_and_the_app_keeps_working(served):
     good = root / "adapters" / "first" / "ether_adapter.safetensors"
     shutil.copy(good, root / "copy.safetensors")
     result = client.predict(handle_file(str(root / "copy.safetensors")), api_name="/upload")
-    assert "Added `uploads/copy.safetensors`" in result[-1]
-    images, _ = call(client, adapters=[("uploads/copy.safetensors", 1.0)])
+    added = result[-1].split("`")[1]
+    assert added.startswith("uploads/") and added.endswith("-copy.safetensors")
+    images, _ = call(client, adapters=[(added, 1.0)])
     assert images[0].shape == (32, 32, 3)
 
 
@@ -169,3 +170,53 @@ def test_real_browser_picks_an_adapter_and_generates(served, tmp_path):
         page.screenshot(path=str(shot), full_page=True)
         assert page.locator("#gallery img").count() >= 1 and shot.stat().st_size > 0
         browser.close()
+
+
+def test_uploads_with_the_same_file_name_keep_both_and_serve_their_own_vectors(served):
+    """Two different `ether_adapter.safetensors` uploads: both kept, each generating with its own adapter."""
+    _, studio, root = served
+    picks = []
+    for sub in ("first", "second"):
+        folder = root / "incoming" / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / "adapters" / sub / "ether_adapter.safetensors", folder / "ether_adapter.safetensors")
+        picks.append(studio.add_upload(folder / "ether_adapter.safetensors"))
+    assert picks[0] != picks[1] and all(p in studio.list_adapters() for p in picks)
+    assert studio.add_upload(root / "incoming" / "first" / "ether_adapter.safetensors") == picks[0]  # kept once
+    req = Request(prompt="a sks circle", seed=3, steps=2, num_images=1)
+    from_uploads = [studio.run(req, [(p, 1.0)])[0][0] for p in picks]
+    originals = [studio.run(req, [(f"{sub}/ether_adapter.safetensors", 1.0)])[0][0] for sub in ("first", "second")]
+    for a, b in zip(from_uploads, originals):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_a_rewritten_file_is_reloaded_not_served_from_the_cache(served, tmp_path):
+    _, studio, root = served
+    target = root / "adapters" / "swap" / "ether_adapter.safetensors"
+    target.parent.mkdir(exist_ok=True)
+    shutil.copy(root / "adapters" / "first" / "ether_adapter.safetensors", target)
+    req = Request(prompt="a sks circle", seed=3, steps=2, num_images=1)
+    before = np.asarray(studio.run(req, [("swap/ether_adapter.safetensors", 1.0)])[0][0])
+    shutil.copy(root / "adapters" / "second" / "ether_adapter.safetensors", target)
+    after = np.asarray(studio.run(req, [("swap/ether_adapter.safetensors", 1.0)])[0][0])
+    second = np.asarray(studio.run(req, [("second/ether_adapter.safetensors", 1.0)])[0][0])
+    assert np.array_equal(after, second) and not np.array_equal(before, after)
+    shutil.rmtree(target.parent)
+
+
+def test_bad_links_and_unfinished_checkpoints_are_not_offered(tmp_path):
+    adapters = tmp_path / "adapters"
+    (adapters / "run" / ".checkpoint-5.tmp").mkdir(parents=True)
+    pipe = tiny_sd_pipeline()
+    from ether_diffusion import AdapterConfig, add_adapter
+
+    add_adapter(pipe.unet, "x", AdapterConfig(method="ether"))
+    good = save_adapter(adapters / "run" / "ether_adapter.safetensors", {"unet": pipe.unet}, "x")
+    shutil.copy(good, adapters / "run" / ".checkpoint-5.tmp" / "adapter.safetensors")
+    outside = tmp_path / "elsewhere.safetensors"
+    shutil.copy(good, outside)
+    (adapters / "escape.safetensors").symlink_to(outside)
+    (adapters / "dangling.safetensors").symlink_to(tmp_path / "missing.safetensors")
+    (adapters / "loop.safetensors").symlink_to(adapters / "loop.safetensors")
+    studio = Studio(pipe, adapters)  # starts despite the links
+    assert studio.list_adapters() == ["run/ether_adapter.safetensors"]
