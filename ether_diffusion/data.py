@@ -39,13 +39,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def open_rgb(path: Path) -> Image.Image:
+    """The picture as RGB; raises one of UNREADABLE when it cannot be read (or is a decompression bomb)."""
+    with Image.open(path) as im:
+        im.load()
+        return to_rgb(im)
+
+
 def read_image(path: Path) -> Image.Image | None:
     """The picture as RGB, or None (with a warning naming the file) when it cannot be read."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return to_rgb(im)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        return open_rgb(path)
+    except UNREADABLE as exc:
         warnings.warn(f"skipping {path}: not a readable image ({exc})", stacklevel=2)
         return None
 
@@ -121,6 +129,8 @@ def _control_row(folder: Path, line: str) -> tuple[ControlExample | None, str | 
         row = json.loads(line)
     except json.JSONDecodeError as exc:
         return None, f"not valid JSON ({exc.msg})"
+    except RecursionError:
+        return None, "JSON nested too deeply"
     if not isinstance(row, dict) or any(not isinstance(row.get(k), str) for k in CONTROL_COLUMNS):
         return None, f"needs string fields {', '.join(CONTROL_COLUMNS)}"
     pictures = []
@@ -129,11 +139,9 @@ def _control_row(folder: Path, line: str) -> tuple[ControlExample | None, str | 
         if not path.is_file():
             return None, f"{key} file not found: {row[key]}"
         try:
-            with Image.open(path) as im:
-                im.load()
-                pictures.append(to_rgb(im))
-        except (UnidentifiedImageError, OSError, ValueError, SyntaxError):
-            return None, f"{key} is not a readable image: {row[key]}"
+            pictures.append(open_rgb(path))
+        except UNREADABLE:
+            return None, f"{key} is not a readable image (or too large): {row[key]}"
     if pictures[0].size != pictures[1].size:
         return None, f"image is {pictures[0].size[0]}×{pictures[0].size[1]} but conditioning_image is " \
                      f"{pictures[1].size[0]}×{pictures[1].size[1]}"
@@ -149,7 +157,12 @@ def load_control_folder(folder: str | Path) -> list[ControlExample]:
         raise EtherError(f"no metadata.jsonl in {folder} (one JSON object per line: "
                          f'{{"image": …, "conditioning_image": …, "text": …}})')
     examples, problems = [], []
-    for number, line in enumerate(meta.read_text().splitlines(), start=1):
+    for number, raw in enumerate(meta.read_bytes().splitlines(), start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            problems.append(f"row {number}: not UTF-8 text")
+            continue
         if not line.strip():
             continue
         example, problem = _control_row(folder, line)

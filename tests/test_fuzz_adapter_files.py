@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from ether_diffusion import AdapterConfig, AdapterFileError, add_adapter
+from ether_diffusion import AdapterConfig, AdapterFileError, EtherError, add_adapter
 from ether_diffusion.adapter_file import METADATA_KEY, load_adapter, read_adapter_file
 from ether_diffusion.cli import main
 from ether_diffusion.inject import adapter_modules, ether_layers
@@ -230,3 +230,120 @@ def test_a_failure_after_attaching_rolls_everything_back(valid, monkeypatch):
         load_adapter(path, pipeline_components(pipe))
     assert not list(ether_layers(pipe.unet)) and not list(ether_layers(pipe.text_encoder))
     assert [p.requires_grad for p in pipe.unet.parameters()] == grads
+
+
+# -- metadata.jsonl rows, config files, app uploads -------------------------------------------------------------
+
+
+def bad_rows(folder):
+    """(label, line bytes) for malformed metadata.jsonl rows; the folder holds good.png / other.png / small.png."""
+    from PIL import Image
+
+    Image.new("RGB", (32, 32), "red").save(folder / "good.png")
+    Image.new("RGB", (32, 32), "blue").save(folder / "other.png")
+    Image.new("RGB", (16, 16), "blue").save(folder / "small.png")
+    (folder / "text.png").write_text("not a picture")
+    ok = {"image": "good.png", "conditioning_image": "other.png", "text": "a red square"}
+    rows = [("not JSON", b"{image: good.png"), ("array", b"[1, 2]"), ("string", b'"row"'), ("null", b"null"),
+            ("number", b"7"), ("nested", b"[" * 50_000 + b"]" * 50_000), ("not UTF-8", b"\xff\xfe\x00{}"),
+            ("empty object", b"{}"), ("truncated", json.dumps(ok).encode()[:-3])]
+    for key in ("image", "conditioning_image", "text"):
+        for value in (None, 3, ["good.png"], {"a": 1}):
+            rows.append((f"{key}={value!r}", json.dumps({**ok, key: value}).encode()))
+        rows.append((f"no {key}", json.dumps({k: v for k, v in ok.items() if k != key}).encode()))
+    for key in ("image", "conditioning_image"):
+        for value in ("missing.png", "text.png", ".", "", "../../nothing.png"):
+            rows.append((f"{key}={value!r}", json.dumps({**ok, key: value}).encode()))
+    rows.append(("sizes differ", json.dumps({**ok, "conditioning_image": "small.png"}).encode()))
+    return ok, rows
+
+
+def test_every_malformed_control_row_is_reported_by_line_number(tmp_path, capsys):
+    from ether_diffusion.data import load_control_folder
+
+    ok, rows = bad_rows(tmp_path)
+    assert len(rows) >= 30
+    for label, line in rows:
+        (tmp_path / "metadata.jsonl").write_bytes(json.dumps(ok).encode() + b"\n" + line + b"\n")
+        with time_limit(30):
+            with pytest.raises(EtherError, match="row 2: ") as info:
+                load_control_folder(tmp_path)
+        assert "row 1" not in str(info.value), label
+    capsys.readouterr()
+    assert main(["train", "control", "--data-dir", str(tmp_path), "--output-dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "row 2" in err[0] and not (tmp_path / "out").exists()
+
+
+def bad_configs():
+    """(label, file name, bytes) for malformed or ill-typed training config files."""
+    cases = [("not TOML", "c.toml", b"max_steps = = 3"), ("not UTF-8", "c.toml", b"\xff\xfe max_steps = 3"),
+             ("JSON list", "c.json", b"[1, 2]"), ("JSON nested", "c.json", b"[" * 50_000 + b"]" * 50_000),
+             ("JSON not an object", "c.json", b"3"), ("JSON bad", "c.json", b"{max_steps: 3}"),
+             ("unknown key", "c.toml", b"max_stepz = 3"), ("nested table", "c.toml", b"[max_steps]\nx = 1"),
+             ("JSON wrong type", "c.json", b"{\"prior_loss_weight\": \"heavy\"}")]
+    for key, value in [("max_steps", "1.5"), ("max_steps", '"many"'), ("max_steps", "0"), ("max_steps", "[3]"),
+                       ("learning_rate", '"fast"'), ("learning_rate", "-1.0"), ("learning_rate", "{a = 1}"),
+                       ("n_blocks", '"4"x'), ("n_blocks", "2.5"), ("method", '"lora"'), ("method", "3"),
+                       ("sides", '"left"'), ("mixed_precision", '"fp8"'), ("train_batch_size", "0"),
+                       ("checkpoints_total_limit", "0"), ("checkpointing_steps", "-1"), ("resolution", "33"),
+                       ("validation_prompts", "3"), ("with_prior_preservation", '"maybe"'), ("seed", '"x"'),
+                       ("device", '"tpu"'), ("num_class_images", "1e400")]:
+        cases.append((f"{key}={value}", "c.toml", f"{key} = {value}\n".encode()))
+    return cases
+
+
+def test_every_malformed_config_is_one_error_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    from ether_diffusion.train import loop
+
+    loads = []
+
+    def load_pipeline(*args, **kwargs):
+        loads.append(args)
+        raise EtherError("the model was loaded")
+
+    monkeypatch.setattr(loop, "load_pipeline", load_pipeline)
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), "red").save(instance / "a.png")
+    cases = bad_configs()
+    assert len(cases) >= 30
+    for label, name, data in cases:
+        path = tmp_path / name
+        path.write_bytes(data)
+        capsys.readouterr()
+        with time_limit(30):
+            code = main(["train", "dreambooth", "--config", str(path), "--instance-dir", str(instance),
+                         "--instance-prompt", "a sks circle", "--output-dir", str(tmp_path / "out")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(err) == 1 and err[0].startswith("error: "), (label, err)
+        assert not loads, label
+
+
+def test_every_malformed_upload_is_refused_and_changes_nothing(valid, tmp_path):
+    from ether_diffusion.studio import Studio
+
+    path, tensors, meta = valid
+    pipe = tiny_sd_pipeline()
+    studio = Studio(pipe, tmp_path / "adapters")
+    uploads = []
+    for i, (label, t, m) in enumerate(categories(tensors, meta)[::3]):
+        uploads.append((label, write_adapter_tensors(tmp_path / f"u{i}.safetensors", t, m)))
+    data = path.read_bytes()
+    for i, cut in enumerate((0, 7, 100, len(data) // 2, len(data) - 1)):
+        (tmp_path / f"cut{i}.safetensors").write_bytes(data[:cut])
+        uploads.append((f"truncated at {cut}", tmp_path / f"cut{i}.safetensors"))
+    (tmp_path / "picture.png").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    uploads.append(("a PNG", tmp_path / "picture.png"))
+    assert len(uploads) >= 30
+    before = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    for label, upload in uploads:
+        with time_limit(30):
+            with pytest.raises(AdapterFileError):
+                studio.add_upload(upload)
+        assert studio.list_adapters() == [], label
+        assert not (tmp_path / "adapters" / "uploads").exists() or not any((tmp_path / "adapters" / "uploads").iterdir())
+    assert not list(ether_layers(pipe.unet))
+    assert all(torch.equal(v, before[k]) for k, v in pipe.unet.state_dict().items())

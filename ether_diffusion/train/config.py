@@ -157,7 +157,10 @@ def read_config_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise EtherError(f"config file not found: {path}")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise EtherError(f"config file {path} is not UTF-8 text") from None
     try:
         if path.suffix.lower() in (".yaml", ".yml"):
             try:
@@ -170,8 +173,10 @@ def read_config_file(path: str | Path) -> dict:
         else:
             data = tomllib.loads(text)
     except (tomllib.TOMLDecodeError, ValueError) as exc:
-        raise EtherError(f"cannot parse config file {path}: {exc}") from None
-    if not isinstance(data, dict):
+        raise EtherError(f"cannot parse config file {path}: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise EtherError(f"cannot parse config file {path}: nested too deeply") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
         raise EtherError(f"config file {path} must hold a table of settings")
     return {k.replace("-", "_"): v for k, v in data.items()}
 
