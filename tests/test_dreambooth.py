@@ -17,7 +17,7 @@ from ether_diffusion import AdapterConfig, EtherError, add_adapter
 from ether_diffusion.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from ether_diffusion.toyworld import world
 from ether_diffusion.train import DreamBoothConfig, train_dreambooth
-from ether_diffusion.train.common import diffusion_loss, noisy_latents_and_target, step_generator
+from ether_diffusion.train.common import diffusion_loss, min_snr_weights, noisy_latents_and_target, step_generator
 
 
 @pytest.fixture
@@ -95,17 +95,116 @@ def test_prior_preservation_generates_only_missing_class_images(instance_dir, tm
     assert meta["trigger"] == "sks" and meta["training"]["prior_preservation"] is True
 
 
-def test_sdxl_trains_and_saves(instance_dir, tmp_path):
+def moved_layers(tensors: dict, component: str) -> tuple[int, int]:
+    """(layers whose ETHER+ u and v now differ, layers) of a component: both start equal, so a difference means
+    gradients reached that layer."""
+    layers = {k.rsplit(".", 1)[0] for k in tensors if k.startswith(component + ".")}
+    moved = sum(not torch.equal(tensors[f"{layer}.u_input"], tensors[f"{layer}.v_input"]) for layer in layers)
+    return moved, len(layers)
+
+
+def test_sdxl_trains_every_component(instance_dir, tmp_path):
+    """SDXL: the pooled text embedding and size ids reach the UNet and gradients reach all three components."""
     out = tmp_path / "xl"
     path = train_dreambooth(config(instance_dir, out, train_text_encoder=True), pipe=tiny_sdxl_pipeline())
-    keys = load_file(path).keys()
-    assert {k.split(".")[0] for k in keys} == {"unet", "text_encoder", "text_encoder_2"}
+    tensors = load_file(path)
+    for component in ("unet", "text_encoder_2"):
+        moved, total = moved_layers(tensors, component)
+        assert total and moved == total, (component, moved, total)
+    # SDXL conditions on the first text encoder's penultimate layer: its last layer gets no gradient
+    last = tiny_sdxl_pipeline().text_encoder.config.num_hidden_layers - 1
+    inner = {k: v for k, v in tensors.items() if f"layers.{last}." not in k}
+    moved, total = moved_layers(inner, "text_encoder")
+    assert total and moved == total, (moved, total)
+    assert moved_layers(tensors, "text_encoder")[0] == total
 
 
-def test_v_prediction_base_trains(instance_dir, tmp_path):
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction"])
+def test_training_target_matches_the_prediction_type(kind):
+    """The target against an fp64 re-derivation: ε, or v = √ᾱ·ε − √(1−ᾱ)·x₀ for v-prediction."""
+    pipe = tiny_sd_pipeline(prediction_type=kind)
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    noisy, t, target = noisy_latents_and_target(pipe.scheduler, latents, step_generator(0, 5))
+    g = step_generator(0, 5)
+    noise = torch.randn(latents.shape, generator=g, dtype=torch.float32).double()
+    alpha = pipe.scheduler.alphas_cumprod.double()[t].view(-1, 1, 1, 1)
+    assert torch.allclose(noisy.double(), alpha.sqrt() * latents.double() + (1 - alpha).sqrt() * noise, atol=1e-5)
+    want = noise if kind == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * latents.double()
+    assert torch.allclose(target.double(), want, atol=1e-5)
+
+
+def test_v_prediction_base_trains_with_min_snr(instance_dir, tmp_path):
     pipe = tiny_sd_pipeline(prediction_type="v_prediction")
-    path = train_dreambooth(config(instance_dir, tmp_path / "v", snr_gamma=5.0), pipe=pipe)
-    assert path.is_file()
+    path = train_dreambooth(config(instance_dir, tmp_path / "v", snr_gamma=5.0, method="etherplus"), pipe=pipe)
+    moved, total = moved_layers(load_file(path), "unet")
+    assert moved == total > 0
+    t = torch.tensor([10, 500, 990])
+    alpha = pipe.scheduler.alphas_cumprod[t].double()
+    snr = alpha / (1 - alpha)
+    assert torch.allclose(min_snr_weights(pipe.scheduler, t, 5.0).double(), snr.clamp(max=5.0) / (snr + 1))
+
+
+def test_gradient_checkpointing_is_on_and_changes_nothing_but_memory(instance_dir, tmp_path):
+    plain = train_dreambooth(config(instance_dir, tmp_path / "a", method="etherplus"), pipe=tiny_sd_pipeline())
+    pipe = tiny_sd_pipeline()
+    checkpointed = train_dreambooth(config(instance_dir, tmp_path / "b", method="etherplus",
+                                           gradient_checkpointing=True), pipe=pipe)
+    assert pipe.unet.is_gradient_checkpointing
+    a, b = load_file(plain), load_file(checkpointed)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+def test_latent_cache_encodes_each_picture_once_and_trains_the_same(instance_dir, tmp_path):
+    plain = train_dreambooth(config(instance_dir, tmp_path / "a", method="etherplus", max_steps=6),
+                             pipe=tiny_sd_pipeline())
+    pipe = tiny_sd_pipeline()
+    calls = []
+    real_encode = pipe.vae.encode
+    pipe.vae.encode = lambda x, *a, **k: calls.append(x.shape[0]) or real_encode(x, *a, **k)
+    cached = train_dreambooth(config(instance_dir, tmp_path / "b", method="etherplus", max_steps=6,
+                                     cache_latents=True), pipe=pipe)
+    assert sum(calls) == 3  # three instance pictures, six steps
+    a, b = load_file(plain), load_file(cached)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_random_flip_shows_both_orientations_and_is_off_by_default(tmp_path, cache):
+    from ether_diffusion.data import Example
+    from ether_diffusion.train.loop import LatentSource
+
+    pipe = tiny_sd_pipeline()
+    picture = Image.new("RGB", (32, 32), "blue")
+    picture.paste(Image.new("RGB", (16, 32), "red"), (0, 0))  # red on the left: a flip puts blue there
+    examples = [Example(tmp_path / "x.png", picture, "x")]
+    for flip, expected in ((False, {"red"}), (True, {"red", "blue"})):
+        source = LatentSource(pipe, examples, 32, "cpu", cache=cache, random_flip=flip)
+        seen = set()
+        zero = torch.zeros(1, 4, 4, 4)
+        if cache:  # which cached variant a step takes
+            source.cache = {(0, False): (zero, zero), (0, True): (zero + 1, zero)}
+        else:  # which picture reaches the encoder: red or blue at the top-left pixel
+            source._posterior = lambda pixels: (zero + float(pixels[0, 0, 0, 0] > 0), zero)
+        for step in range(16):
+            lit = abs(float(source.latents([0], torch.Generator().manual_seed(step)).mean())) > 1e-6
+            seen.add("red" if lit != cache else "blue")  # cache: the flipped variant is the lit one
+        assert seen == expected, (flip, seen)
+
+
+def test_symlinked_pictures_are_read_and_dangling_links_skipped(tmp_path):
+    from ether_diffusion.data import load_folder
+
+    store, folder = tmp_path / "store", tmp_path / "instance"
+    store.mkdir()
+    folder.mkdir()
+    Image.new("RGB", (32, 32), "red").save(store / "dog.png")
+    (folder / "dog.png").symlink_to(store / "dog.png")
+    (folder / "gone.png").symlink_to(store / "gone.png")
+    with pytest.warns(UserWarning, match="gone.png"):
+        examples = load_folder(folder, "a sks dog")
+    assert [e.path.name for e in examples] == ["dog.png"] and examples[0].image.getpixel((0, 0)) == (255, 0, 0)
 
 
 def test_bad_inputs(instance_dir, tmp_path):
@@ -179,6 +278,12 @@ def recording_save(path, *args, **kw):
     open(os.path.join(sys.argv[3], f"wrote-by-rank{rank}.txt"), "a").write(str(path) + "\\n")
     return real_save(path, *args, **kw)
 db.save_adapter = recording_save
+real_indices = db.sample_indices
+def recording_indices(n, first, count, seed):
+    picked = real_indices(n, first, count, seed)
+    open(os.path.join(sys.argv[3], f"samples-rank{rank}.txt"), "a").write(f"{first} {picked[0]}\\n")
+    return picked
+db.sample_indices = recording_indices
 pipe = tiny_sd_pipeline()
 cfg = DreamBoothConfig(instance_dir=sys.argv[1], instance_prompt="a sks circle", output_dir=sys.argv[2],
                        max_steps=3, checkpointing_steps=2)
@@ -189,7 +294,7 @@ torch.save(vec, os.path.join(sys.argv[3], f"rank{rank}.pt"))
 """
 
 
-def test_two_process_ddp_trains_identical_adapters(instance_dir, tmp_path):
+def test_two_process_ddp_splits_the_data_learns_and_ends_identical(instance_dir, tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(DDP_PROBE)
     out, dump = tmp_path / "ddp-out", tmp_path / "dump"
@@ -200,7 +305,16 @@ def test_two_process_ddp_trains_identical_adapters(instance_dir, tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     r0, r1 = torch.load(dump / "rank0.pt"), torch.load(dump / "rank1.pt")
-    assert torch.equal(r0, r1)
+    assert torch.equal(r0, r1)  # one model: gradients were all-reduced
+    moved, total = moved_layers(load_file(out / "ether_adapter.safetensors"), "unet")
+    assert moved == total > 0  # and it learned
+    seen = [dict(line.split() for line in (dump / f"samples-rank{r}.txt").read_text().splitlines()) for r in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 3  # one sample per rank and step
+    assert not set(seen[0]) & set(seen[1])  # the ranks draw different global samples every step ...
+    firsts = sorted(int(k) for k in [*seen[0], *seen[1]])
+    assert firsts == list(range(6))  # ... which together are the 6 samples of 3 steps × 2 ranks
+    pictures = {**seen[0], **seen[1]}
+    assert {pictures[str(i)] for i in range(3)} == {"0", "1", "2"}  # the first pass covers every picture once
     written = (dump / "wrote-by-rank0.txt").read_text().split()
     assert len(written) == 3 and written[-1].endswith("ether_adapter.safetensors")  # checkpoints 2, 3 and final
     assert not (dump / "wrote-by-rank1.txt").exists()
