@@ -284,6 +284,14 @@ def recording_indices(n, first, count, seed):
     open(os.path.join(sys.argv[3], f"samples-rank{rank}.txt"), "a").write(f"{first} {picked[0]}\\n")
     return picked
 db.sample_indices = recording_indices
+if os.environ.get("NAN_ON_RANK") == str(rank):  # one rank's loss turns NaN at the second step
+    real_loss = db.diffusion_loss
+    calls = []
+    def nan_loss(*args, **kw):
+        calls.append(1)
+        loss = real_loss(*args, **kw)
+        return loss * float("nan") if len(calls) == 2 else loss
+    db.diffusion_loss = nan_loss
 pipe = tiny_sd_pipeline()
 cfg = DreamBoothConfig(instance_dir=sys.argv[1], instance_prompt="a sks circle", output_dir=sys.argv[2],
                        max_steps=3, checkpointing_steps=2)
@@ -385,3 +393,16 @@ def test_config_files_are_typed_before_any_model_loads(instance_dir, tmp_path, t
         assert "stop here" in err[0]
     else:
         assert problem in err[0] and not loads, err
+
+
+def test_a_nan_on_one_rank_stops_every_rank_instead_of_hanging(instance_dir, tmp_path):
+    probe = tmp_path / "probe.py"
+    probe.write_text(DDP_PROBE)
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "NAN_ON_RANK": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(probe),
+           str(instance_dir), str(tmp_path / "out"), str(dump)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)  # a hang fails here
+    assert result.returncode != 0
+    assert result.stderr.count("the loss became nan at step 2") >= 2, result.stderr[-3000:]  # both ranks stopped
