@@ -6,6 +6,8 @@ a time; the UI only reads adapter files from the adapters folder and from upload
 
 from __future__ import annotations
 
+import inspect
+import os
 import random
 from pathlib import Path
 
@@ -16,6 +18,18 @@ from .studio import LIMITS, SCHEDULERS, Request, Studio
 
 NONE = "(none)"
 SLOTS = 3
+
+
+def api_signature(slots: int, progress) -> inspect.Signature:
+    """The `/generate` endpoint's parameters as gradio_client callers see them: meaningful names, and defaults
+    (so optional) for everything but the prompt: `adapter_1`, `strength_1`, …, `control_image`."""
+    P = inspect.Parameter
+    fixed = [("prompt", P.empty), ("negative_prompt", ""), ("seed", 0), ("random_seed", False), ("steps", 20),
+             ("guidance", 7.5), ("scheduler", "DPM++ 2M"), ("num_images", 1), ("size", None), ("mode", "single")]
+    names = fixed + [(f"adapter_{i + 1}", NONE) for i in range(slots)] + \
+        [(f"strength_{i + 1}", 1.0) for i in range(slots)] + [("control_image", None)]
+    params = [P(name, P.POSITIONAL_OR_KEYWORD, default=default) for name, default in names]
+    return inspect.Signature([*params, P("progress", P.KEYWORD_ONLY, default=progress)])
 
 
 def build_app(studio: Studio, slots: int = SLOTS):
@@ -61,10 +75,12 @@ def build_app(studio: Studio, slots: int = SLOTS):
             return *unchanged, f"⚠️ Upload refused: {exc}"
         return *[gr.update(choices=choices()) for _ in range(slots)], f"Added `{name}`."
 
-    def run(prompt, negative, seed, random_seed, steps, guidance, scheduler, num_images, size, mode, *slot_values,
-            progress=gr.Progress()):
+    def run(*values, progress=gr.Progress()):
+        """Positional values in the order of `API_PARAMETERS` (named so for gradio_client callers)."""
         progress(0, desc="generating")
-        names, strengths, hint = slot_values[:slots], slot_values[slots : 2 * slots], slot_values[2 * slots]
+        (prompt, negative, seed, random_seed, steps, guidance, scheduler, num_images, size, mode) = values[:10]
+        names, strengths = values[10 : 10 + slots], values[10 + slots : 10 + 2 * slots]
+        hint = values[10 + 2 * slots] if len(values) > 10 + 2 * slots else None
         adapters = [(n, float(s)) for n, s in zip(names, strengths) if n not in (None, NONE)]
         seed = random.randint(0, 2**31 - 1) if random_seed else int(seed)
         req = Request(prompt=prompt, negative_prompt=negative, seed=seed, steps=int(steps), guidance=float(guidance),
@@ -76,12 +92,14 @@ def build_app(studio: Studio, slots: int = SLOTS):
             raise gr.Error(str(exc)) from None
         return images, f"seed {seed} · {len(images)} image(s)"
 
+    run.__signature__ = api_signature(slots, gr.Progress())
+
     with gr.Blocks(title="ether-diffusion") as app:
         gr.Markdown("## ether-diffusion · sample from ETHER adapters")
         with gr.Row():
             with gr.Column(scale=1):
                 prompt = gr.Textbox(label="Prompt", elem_id="prompt", value="a large red circle on a white background")
-                negative = gr.Textbox(label="Negative prompt", elem_id="negative")
+                negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
                 dropdowns, sliders = [], []
                 for i in range(slots):
                     with gr.Row():
@@ -149,15 +167,41 @@ def launch(base: str | None, adapters_dir: str | Path | None, host: str = "127.0
     return app
 
 
-def add_app_parser(sub) -> None:
-    p = sub.add_parser("app", help="Gradio app to sample from adapters")
-    p.add_argument("--base", default=None, help="diffusers folder or hub id (default: the embedded model)")
-    p.add_argument("--adapters-dir", default=None, help=f"adapter files to offer (default: {default_adapters_dir()})")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=7860)
+def add_app_arguments(p) -> None:
+    """The app's options; each defaults to an environment variable where one is named (as a Space sets them)."""
+    env = os.environ.get
+    p.add_argument("--base", default=env("ETHER_BASE"),
+                   help="diffusers folder or hub id (env ETHER_BASE; default: the embedded model)")
+    p.add_argument("--adapters-dir", default=env("ETHER_ADAPTERS_DIR"),
+                   help=f"adapter files to offer (env ETHER_ADAPTERS_DIR; default: {default_adapters_dir()})")
+    p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="env GRADIO_SERVER_NAME")
+    p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="env GRADIO_SERVER_PORT")
     add_device_arguments(p)
     p.add_argument("--offload", action="store_true",
                    help="small GPUs: keep models in CPU memory, each moved to the GPU only while it runs")
     p.set_defaults(func=lambda a: launch(a.base, a.adapters_dir, a.host, a.port, device=a.device, dtype=a.dtype,
                                          offload=a.offload))
 
+
+def add_app_parser(sub) -> None:
+    add_app_arguments(sub.add_parser("app", help="Gradio app to sample from adapters"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The app as a program of its own (a Hugging Face Space's app.py calls this): same options as
+    `ether-diffusion app`, user errors as one line and exit status 2."""
+    import argparse
+    import sys
+
+    from .cli import quiet_libraries
+
+    parser = argparse.ArgumentParser(prog="app.py", description="ether-diffusion: sample from ETHER adapters")
+    add_app_arguments(parser)
+    args = parser.parse_args(argv)
+    quiet_libraries()
+    try:
+        args.func(args)
+    except EtherError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -220,3 +220,17 @@ def test_bad_links_and_unfinished_checkpoints_are_not_offered(tmp_path):
     (adapters / "loop.safetensors").symlink_to(adapters / "loop.safetensors")
     studio = Studio(pipe, adapters)  # starts despite the links
     assert studio.list_adapters() == ["run/ether_adapter.safetensors"]
+
+
+def test_api_inputs_have_meaningful_names_and_the_optional_ones_can_be_left_out(served):
+    url, studio, _ = served
+    client = Client(url, verbose=False)
+    params = client.view_api(return_format="dict", print_info=False)["named_endpoints"]["/generate"]["parameters"]
+    names = [p["parameter_name"] for p in params]
+    assert names == ["prompt", "negative_prompt", "seed", "random_seed", "steps", "guidance", "scheduler", "num_images",
+                     "size", "mode", "adapter_1", "adapter_2", "adapter_3", "strength_1", "strength_2", "strength_3",
+                     "control_image"]
+    assert all(p["parameter_has_default"] for p in params)
+    gallery, status = client.predict(prompt="a red circle", adapter_1=studio.list_adapters()[0], strength_1=0.5,
+                                     steps=2, size=32, num_images=1, api_name="/generate")
+    assert len(gallery) == 1 and "1 image" in status

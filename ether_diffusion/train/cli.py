@@ -59,4 +59,8 @@ def run_training(args: argparse.Namespace) -> None:
         from .control import train_control as train
     else:
         from .dreambooth import train_dreambooth as train
-    print(f"adapter written to {train(cfg)}")
+    path = train(cfg)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # only the process that wrote it says so
+        print(f"adapter written to {path}")

@@ -82,20 +82,31 @@ def _trigger(instance_prompt: str, class_prompt: str | None) -> str | None:
 
 
 def write_model_card(path: Path, cfg: DreamBoothConfig, n_params: int, steps: int, validation: list[str]) -> None:
+    """`OUT/README.md` as the diffusers scripts write it: Hugging Face model-card front matter, the resolved
+    settings, and commands that work as printed."""
+    resolved = AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides, targets=cfg.targets)
+    base = describe_base(cfg.base)
+    base_flag = "" if cfg.base is None else f" --base {cfg.base}"
     images = "\n".join(f"![validation]({v})" for v in validation[-1:]) or "(no validation images)"
-    text = f"""# ETHER adapter: `{cfg.instance_prompt}`
+    front = ["---", f"base_model: {json.dumps(base)}", "library_name: ether-diffusion", "license: other",  # the base model's licence applies
+             f"instance_prompt: {json.dumps(cfg.instance_prompt)}", "tags:",
+             *(f"- {t}" for t in ("text-to-image", "diffusers", "ether", resolved.method, "dreambooth")), "---"]
+    text = "\n".join(front) + f"""
 
-- base model: `{describe_base(cfg.base)}`
-- method: {cfg.method} (n_blocks={cfg.n_blocks}, sides={cfg.sides}, targets={cfg.targets}), {n_params:,} parameters
+# ETHER adapter: `{cfg.instance_prompt}`
+
+- base model: `{base}`
+- method: {resolved.method} (n_blocks={resolved.n_blocks}, sides={resolved.sides}, targets={resolved.targets}), {n_params:,} parameters
 - trigger prompt: `{cfg.instance_prompt}`
-- trained {steps} steps, learning rate {cfg.learning_rate}, resolution {cfg.resolution},
-  prior preservation: {f'yes ({cfg.class_prompt!r}, weight {cfg.prior_loss_weight})' if cfg.with_prior_preservation else 'no'}
+- trained {steps} steps, learning rate {cfg.learning_rate}, resolution {cfg.resolution}, batch \
+{cfg.train_batch_size} × {cfg.gradient_accumulation_steps} accumulation, mixed precision {cfg.mixed_precision}
+- prior preservation: {f'yes ({cfg.class_prompt!r}, weight {cfg.prior_loss_weight})' if cfg.with_prior_preservation else 'no'}; text encoder adapted: {'yes' if cfg.train_text_encoder else 'no'}
 
 {images}
 
 ## Use it
 ```bash
-ether-diffusion generate --prompt "{cfg.instance_prompt}" --out out/ --adapter {ADAPTER_FILE}{'' if cfg.base is None else f' --base {cfg.base}'}
+ether-diffusion generate --prompt "{cfg.instance_prompt}" --out out/ --adapter {ADAPTER_FILE}{base_flag}
 ```
 ```python
 from ether_diffusion.pipelines import load_pipeline, load_ether_weights
@@ -103,7 +114,8 @@ pipe = load_pipeline({cfg.base!r})
 load_ether_weights(pipe, "{ADAPTER_FILE}")
 image = pipe("{cfg.instance_prompt}").images[0]
 ```
-Export to a LoRA any diffusers / ComfyUI / A1111 loader reads: `ether-diffusion export {ADAPTER_FILE} --to lora --out lora.safetensors`.
+Export to a LoRA any diffusers / ComfyUI / A1111 loader reads:
+`ether-diffusion export {ADAPTER_FILE} --to lora{base_flag} --out lora.safetensors`.
 """
     atomic_write_text(path, text)
 

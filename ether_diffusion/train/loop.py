@@ -22,7 +22,7 @@ from ..errors import EtherError
 from ..layers import AdapterConfig
 from ..pipelines import load_pipeline
 from ..runtime import resolve_device
-from .common import check_finite, encode_text, load_checkpoint_state, resolve_resume, save_checkpoint
+from .common import check_finite, encode_text, is_sdxl, load_checkpoint_state, resolve_resume, save_checkpoint
 from .config import TrainingConfig, save_resolved
 
 
@@ -74,7 +74,9 @@ def prepare_base(cfg: TrainingConfig, device, pipe=None):
     if pipe is None:
         pipe = load_pipeline(cfg.base, dtype=weight_dtype, device=device)
     pipe.set_progress_bar_config(disable=True)
-    if getattr(pipe.vae.config, "force_upcast", False) and weight_dtype != torch.float32:
+    # SDXL's VAE overflows in fp16: keep it fp32 (its pipeline upcasts latents before decoding); SD 1.x / 2.x
+    # pipelines decode in the UNet's dtype, so their VAE must stay in it (as in diffusers' own scripts)
+    if is_sdxl(pipe) and getattr(pipe.vae.config, "force_upcast", False) and weight_dtype != torch.float32:
         pipe.vae.to(torch.float32)
     resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
     cfg.resolution = resolution
