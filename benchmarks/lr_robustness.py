@@ -22,7 +22,7 @@ from pathlib import Path
 from peft_methods import add_peft
 
 from ether_diffusion.atomic import atomic_write_text
-from ether_diffusion.demo import DemoSettings, render_instances, score
+from ether_diffusion.demo import DemoSettings, dreambooth_config, render_instances, score
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.toyworld import world
 from ether_diffusion.train import DreamBoothConfig, train_dreambooth
@@ -35,14 +35,9 @@ def run(method: str, lr: float, folders: dict, settings: DemoSettings, args) -> 
     pipe = load_pipeline(args.base)
     peft = method not in ("ether", "etherplus")
     extra = add_peft(pipe.unet, method, "attn") if peft else None
-    shape = world.SUBJECTS[settings.subject].shape
-    cfg = DreamBoothConfig(
-        instance_dir=str(folders["instance"]), instance_prompt=f"a {settings.token} {shape} on a white background",
-        output_dir=str(folders["runs"] / f"{method}-{lr:g}"), base=args.base, method="etherplus" if peft else method,
-        train_adapters=not peft, max_steps=args.steps, learning_rate=lr, seed=args.seed,
-        with_prior_preservation=True, class_prompt=f"a {shape} on a white background", class_dir=str(folders["class"]),
-        num_class_images=args.class_images, sample_batch_size=8, class_generation_steps=settings.sampling_steps,
-        checkpointing_steps=args.steps, checkpoints_total_limit=1)
+    cfg = dreambooth_config(settings, folders["instance"], folders["runs"] / f"{method}-{lr:g}", folders["class"],
+                            method="etherplus" if peft else method, train_adapters=not peft, max_steps=args.steps,
+                            learning_rate=lr, num_class_images=args.class_images)
     t0 = time.time()
     train_dreambooth(cfg, pipe=pipe, extra_trainable=extra)
     seconds = time.time() - t0

@@ -1,8 +1,10 @@
 """`ether-diffusion demo`: the whole personalisation loop on the embedded base model, offline, on a CPU.
 
-Render a held-out toy-world subject (a look the base model never saw), train an ETHER+ DreamBooth adapter with
-prior preservation through the real training code, then draw the subject in new contexts with the base model and
-with the adapter (same seeds), and score both with the toy-world checker.
+Render a held-out toy-world subject (one exact instance of a family the base model draws in many variants, as a
+user's dog is one of Stable Diffusion's many dogs), train an ETHER+ DreamBooth adapter with prior preservation
+through the real training code, then draw the subject in new contexts with the base model and with the adapter
+(same seeds), check that the class prompt still draws the family rather than the subject, and score everything
+with the toy-world checker.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .errors import EtherError
 from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
 from .runtime import add_device_arguments, mixed_precision_for, resolve_device, resolve_dtype
 from .toyworld import checker, world
-from .toyworld.evaluate import prompt_fidelity, subject_prompts
+from .toyworld.evaluate import prompt_fidelity, subject_prompt, subject_prompts
 from .train import DreamBoothConfig, train_dreambooth
 
 
@@ -46,57 +48,98 @@ class DemoSettings:
     dtype: str = "auto"
 
 
+INSTANCE_CONTEXTS = (("large", "white"), ("small", "white"), ("large", "gray"), ("small", "gray"))
+
+
+def instance_prompt(settings: DemoSettings) -> str:
+    return f"a {settings.token} {world.SUBJECTS[settings.subject].class_word} on a white background"
+
+
+def class_prompt(settings: DemoSettings) -> str:
+    return f"a {world.SUBJECTS[settings.subject].class_word} on a white background"
+
+
 def render_instances(settings: DemoSettings, folder: Path) -> None:
-    """The user's 'photos': the subject at different sizes and places, on a white background."""
+    """The user's 'photos': the subject at both sizes and different places, on white and gray only (black is left
+    for the new contexts), each with a `.txt` caption saying what it shows, as kohya-style datasets do."""
     rng = random.Random(settings.seed)
     for i in range(settings.instance_images):
-        image = world.render(world.subject_scene(rng, settings.subject, background="white"))
+        size, background = INSTANCE_CONTEXTS[i % len(INSTANCE_CONTEXTS)]
+        image = world.render(world.subject_scene(rng, settings.subject, background=background, size=size))
+        text = subject_prompt(settings.token, settings.subject, background, size).text
         atomic_write(folder / f"{settings.subject}-{i}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
+        atomic_write_text(folder / f"{settings.subject}-{i}.txt", text + "\n")
+
+
+def _sample(pipe, settings: DemoSettings, text: str) -> list[Image.Image]:
+    return generate(pipe, text, seed=settings.seed, steps=settings.sampling_steps, guidance=settings.guidance,
+                    num_images=settings.seeds)
 
 
 def score(pipe, settings: DemoSettings, adapted: bool) -> tuple[dict, list[list[Image.Image]]]:
-    """Subject and prompt fidelity over every context prompt × seed; also the images, one row per prompt."""
+    """Subject and prompt fidelity over every context prompt × seed, and class drift (how often the class prompt
+    draws the subject itself); also the images, one row per context prompt and one for the class prompt."""
     (enable_ether if adapted else disable_ether)(pipe)
-    shape = world.SUBJECTS[settings.subject].shape
     rows, subject_scores, prompt_scores = [], [], []
     prompts = subject_prompts(settings.token, settings.subject)
     for prompt in tqdm(prompts, desc="sampling adapted" if adapted else "sampling base"):
-        row = []
-        for s in range(settings.seeds):
-            image = generate(pipe, prompt.text, seed=settings.seed + s, steps=settings.sampling_steps,
-                             guidance=settings.guidance)[0]
-            row.append(image)
-            subject_scores.append(checker.subject_similarity(image, settings.subject))
-            prompt_scores.append(prompt_fidelity(image, prompt, shape))
+        row = _sample(pipe, settings, prompt.text)
         rows.append(row)
+        subject_scores += [checker.subject_similarity(image, settings.subject) for image in row]
+        prompt_scores += [prompt_fidelity(image, prompt, settings.subject) for image in row]
+    class_row = _sample(pipe, settings, class_prompt(settings))
+    rows.append(class_row)
+    class_scores = [checker.subject_similarity(image, settings.subject) for image in class_row]
     enable_ether(pipe)
     n = len(subject_scores)
     return {
         "subject_fidelity": sum(subject_scores) / n,
         "subject_match_rate": sum(v >= checker.SUBJECT_MATCH for v in subject_scores) / n,
         "prompt_fidelity": sum(prompt_scores) / n,
+        "class_drift": sum(v >= checker.SUBJECT_MATCH for v in class_scores) / len(class_scores),
         "images": n,
     }, rows
 
 
 def _markdown(report: dict) -> str:
     b, a = report["base"], report["adapted"]
+    rows = [f"| {name} | {r['subject_fidelity']:.3f} | {r['subject_match_rate']:.2f} | {r['prompt_fidelity']:.2f} | "
+            f"{r['class_drift']:.2f} |" for name, r in (("base", b), ("adapted", a))]
     lines = [
         f"# ether-diffusion demo: `{report['subject']}` ({report['method']})", "",
-        f"Instance prompt `{report['instance_prompt']}`, {report['settings']['instance_images']} instance images, "
-        f"{report['settings']['class_images']} class images, {report['settings']['max_steps']} steps, "
-        f"{report['trainable_parameters']:,} trainable parameters, wall time {report['seconds']['total']:.0f} s.", "",
-        "| model | subject fidelity | subject match rate | prompt fidelity |", "|---|---|---|---|",
-        f"| base | {b['subject_fidelity']:.3f} | {b['subject_match_rate']:.2f} | {b['prompt_fidelity']:.2f} |",
-        f"| adapted | {a['subject_fidelity']:.3f} | {a['subject_match_rate']:.2f} | {a['prompt_fidelity']:.2f} |", "",
-        "Subject fidelity: share of the object's pixels whose colour matches the subject's pattern (toy-world "
-        "checker, the stand-in for DINO/CLIP-I). Prompt fidelity: share of images showing the class shape on the "
-        "background (and at the size) the prompt asks for (the stand-in for CLIP-T).", "",
+        f"Subject: {report['subject_description']}. Instance prompt `{report['instance_prompt']}` (each picture "
+        f"also has a caption naming its size and background), {report['settings']['instance_images']} instance "
+        f"images, class prompt `{report['class_prompt']}` with {report['settings']['class_images']} class images, "
+        f"{report['settings']['max_steps']} steps, {report['trainable_parameters']:,} trainable parameters, "
+        f"wall time {report['seconds']['total']:.0f} s.", "",
+        "| model | subject fidelity | subject match rate | prompt fidelity | class drift |", "|---|---|---|---|---|",
+        *rows, "",
+        "Subject fidelity: share of the object's pixels whose colour matches the subject's exact pattern, times the "
+        "shape overlap (toy-world checker, the stand-in for DINO/CLIP-I); a match is a score of at least "
+        f"{checker.SUBJECT_MATCH}, which no other member of the subject's family reaches. Prompt fidelity: share of "
+        "pictures showing the subject's family (shape and pattern kind) on the background and at the size the prompt "
+        "asks for (the stand-in for CLIP-T). Class drift: share of class-prompt pictures that match the subject "
+        "(prior preservation keeps it low).", "",
         "![grid](grid.png)", "",
-        f"Grid rows: {'; '.join(report['prompts'])}. Columns: {report['settings']['seeds']} seeds of the base "
-        "model, then the same seeds with the adapter.",
+        f"Grid rows: {'; '.join(report['prompts'])}; then the class prompt. Columns: {report['settings']['seeds']} "
+        "seeds of the base model, then the same seeds with the adapter.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def dreambooth_config(settings: DemoSettings, instance_dir: Path, output_dir: Path, class_dir: Path,
+                      **overrides) -> DreamBoothConfig:
+    """The demo's training run: its instance pictures and captions, prior preservation on the class prompt,
+    one checkpoint at the end. Benchmarks reuse it with other methods and learning rates (`overrides`)."""
+    values = dict(
+        instance_dir=str(instance_dir), instance_prompt=instance_prompt(settings), output_dir=str(output_dir),
+        base=settings.base, method=settings.method, max_steps=settings.max_steps, device=settings.device,
+        train_text_encoder=settings.train_text_encoder, learning_rate=settings.learning_rate, seed=settings.seed,
+        with_prior_preservation=True, class_prompt=class_prompt(settings), class_dir=str(class_dir),
+        num_class_images=settings.class_images, sample_batch_size=8, class_generation_steps=settings.sampling_steps,
+        checkpointing_steps=settings.max_steps, checkpoints_total_limit=1,
+    )
+    return DreamBoothConfig(**{**values, **overrides})
 
 
 def run_demo(settings: DemoSettings) -> dict:
@@ -109,19 +152,10 @@ def run_demo(settings: DemoSettings) -> dict:
     device = resolve_device(settings.device)  # an absent GPU is refused before any work
     dtype = resolve_dtype(settings.dtype, device)
     render_instances(settings, out / "instance")
-    shape = world.SUBJECTS[settings.subject].shape
     pipe = load_pipeline(settings.base, dtype=dtype, device=device)
     times["load"] = time.time() - t0
-    cfg = DreamBoothConfig(
-        instance_dir=str(out / "instance"), instance_prompt=f"a {settings.token} {shape} on a white background",
-        output_dir=str(out), base=settings.base, method=settings.method, max_steps=settings.max_steps,
-        device=settings.device, mixed_precision=mixed_precision_for(dtype),
-        train_text_encoder=settings.train_text_encoder,
-        learning_rate=settings.learning_rate, seed=settings.seed, with_prior_preservation=True,
-        class_prompt=f"a {shape} on a white background", class_dir=str(out / "class"),
-        num_class_images=settings.class_images, sample_batch_size=8, class_generation_steps=settings.sampling_steps,
-        checkpointing_steps=settings.max_steps, checkpoints_total_limit=1,
-    )
+    cfg = dreambooth_config(settings, out / "instance", out, out / "class",
+                            mixed_precision=mixed_precision_for(dtype))
     t1 = time.time()
     adapter_path = train_dreambooth(cfg, pipe=pipe)
     times["train"] = time.time() - t1
@@ -136,7 +170,8 @@ def run_demo(settings: DemoSettings) -> dict:
     from .inject import count_parameters
 
     report = {
-        "subject": settings.subject, "method": settings.method, "instance_prompt": cfg.instance_prompt,
+        "subject": settings.subject, "subject_description": world.SUBJECTS[settings.subject].description,
+        "method": settings.method, "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
         "prompts": [p.text for p in subject_prompts(settings.token, settings.subject)],
         "base": base_scores, "adapted": adapted_scores, "trainable_parameters": sum(count_parameters(m) for m in pipeline_components(pipe).values()),
         "adapter": str(adapter_path), "seconds": {k: round(v, 1) for k, v in times.items()},
@@ -174,7 +209,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     report = run_demo(settings)
     out = Path(settings.out).resolve()
     b, a = report["base"], report["adapted"]
-    print(f"\nsubject fidelity: base {b['subject_fidelity']:.3f} → adapted {a['subject_fidelity']:.3f}; "
-          f"prompt fidelity: base {b['prompt_fidelity']:.2f} → adapted {a['prompt_fidelity']:.2f}")
+    print(f"\nsubject match rate: base {b['subject_match_rate']:.2f} → adapted {a['subject_match_rate']:.2f}; "
+          f"prompt fidelity: base {b['prompt_fidelity']:.2f} → adapted {a['prompt_fidelity']:.2f}; "
+          f"class drift: base {b['class_drift']:.2f} → adapted {a['class_drift']:.2f}")
     print(f"outputs in {out}: ether_adapter.safetensors, grid.png, report.md, report.json "
           f"({report['seconds']['total']:.0f} s)")

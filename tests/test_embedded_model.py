@@ -3,6 +3,8 @@ whole loop (render subject → DreamBooth with prior preservation → compare) r
 
 import json
 
+import pytest
+
 from ether_diffusion.demo import DemoSettings, run_demo
 from ether_diffusion.pipelines import generate, load_pipeline
 from ether_diffusion.toyworld import checker
@@ -34,11 +36,28 @@ def test_demo_reduced_mode_writes_everything(tmp_path):
     for name in ("ether_adapter.safetensors", "grid.png", "report.json", "report.md", "README.md", "instance"):
         assert (out / name).exists(), name
     assert json.loads((out / "report.json").read_text())["adapted"] == report["adapted"]
+    prompts = len(report["prompts"])
+    assert prompts >= 6
     for model in ("base", "adapted"):
-        assert 0.0 <= report[model]["subject_fidelity"] <= 1.0 and report[model]["images"] == 5
+        scores = report[model]
+        assert 0.0 <= scores["subject_fidelity"] <= 1.0 and scores["images"] == prompts
+        assert {"subject_match_rate", "prompt_fidelity", "class_drift"} <= scores.keys()
+    captions = sorted((out / "instance").glob("*.txt"))
+    assert captions and all("sks striped circle" in c.read_text() for c in captions)
 
 
 def test_short_dreambooth_run_raises_subject_fidelity_over_the_base(tmp_path):
     settings = DemoSettings(out=str(tmp_path / "short"), max_steps=150, class_images=4, seeds=2, sampling_steps=12)
     report = run_demo(settings)
     assert report["adapted"]["subject_fidelity"] > report["base"]["subject_fidelity"] + 0.01, report
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="the embedded base draws patterns too roughly yet (58.5% of held-out captions fully "
+                          "right, target 90%); measured demo: subject match 0.00, see docs/toyworld.md", strict=False)
+def test_full_demo_learns_the_subject_in_new_contexts(tmp_path):
+    """The demo's targets: adapted match ≥ 0.8 and prompt fidelity ≥ 0.9, base match ≤ 0.1, class drift ≤ 0.2."""
+    report = run_demo(DemoSettings(out=str(tmp_path / "full")))
+    assert report["base"]["subject_match_rate"] <= 0.1
+    assert report["adapted"]["subject_match_rate"] >= 0.8 and report["adapted"]["prompt_fidelity"] >= 0.9, report
+    assert report["adapted"]["class_drift"] <= 0.2

@@ -1,22 +1,25 @@
-"""The toy world: deterministic renders that agree with their captions, control maps, a validated checker."""
+"""The toy world: deterministic renders that agree with their captions, pattern families with held-out subjects,
+control maps, and a checker that scores the exact subject instance."""
 
 import random
+from dataclasses import replace
 
 import numpy as np
+import pytest
 
 from ether_diffusion.toyworld import checker, world
-from ether_diffusion.toyworld.evaluate import checker_validation
+from ether_diffusion.toyworld.evaluate import checker_validation, named_attributes, subject_prompts
 from ether_diffusion.toyworld.tokenizer import IDENTIFIER_TOKENS, build_vocab_and_merges
 
 
 def test_renderer_is_deterministic():
-    a = [np.asarray(world.render(world.random_scene(random.Random(7)))) for _ in range(2)]
+    a = [np.asarray(world.render(world.random_world_scene(random.Random(7)))) for _ in range(2)]
     assert np.array_equal(a[0], a[1])
-    s1, s2 = world.random_scene(random.Random(1)), world.random_scene(random.Random(2))
+    s1, s2 = world.random_world_scene(random.Random(1)), world.random_world_scene(random.Random(2))
     assert s1 != s2
 
 
-def test_caption_matches_image():
+def test_solid_caption_matches_image():
     rng = random.Random(3)
     for _ in range(50):
         scene = world.random_scene(rng)
@@ -29,21 +32,49 @@ def test_caption_matches_image():
         assert np.abs(image[0, 0] - world.BACKGROUNDS[scene.background]).max() <= 2
 
 
-def test_control_maps_follow_the_object():
-    scene = world.Scene("square", ("red",), "white", "large", 32, 32, 16)
-    seg = np.asarray(world.render_segmentation(scene))
-    assert tuple(seg[32, 32]) == world.SEGMENTATION_COLOURS["square"] and tuple(seg[2, 2]) == (0, 0, 0)
-    edges = np.asarray(world.render_edges(scene))[..., 0] > 0
-    assert edges[16, 32] and not edges[32, 32] and not edges[2, 2]
+def test_patterned_caption_names_both_colours_and_the_pattern_and_the_picture_shows_them():
+    rng = random.Random(4)
+    for _ in range(60):
+        scene = world.random_patterned_scene(rng)
+        c1, c2 = scene.colours
+        assert world.caption(scene) == (f"a {scene.size} {c1} and {c2} {world.PATTERN_WORDS[scene.pattern.kind]} "
+                                        f"{scene.shape} on a {scene.background} background")
+        image = np.asarray(world.render(scene)).reshape(-1, 3).astype(int)
+        for colour in scene.colours:  # both colours cover a real part of the object
+            assert (np.abs(image - world.OBJECT_COLOURS[colour]).max(axis=1) <= 2).sum() >= 20, (scene, colour)
 
 
-def test_subjects_never_appear_in_base_captions_and_tokens_are_unused():
+def test_a_pattern_word_covers_a_family_of_looks():
+    """Nuisance geometry varies within a caption: the same caption renders to clearly different pictures."""
+    rng = random.Random(5)
+    for kind in world.PATTERN_WORDS:
+        family = world.pattern_family(kind)
+        assert len(family) >= 4
+        seen = {world.random_pattern(rng, kind) for _ in range(200)}
+        assert seen == set(family)  # every member occurs in base training
+        base = world.Scene("square", ("red", "blue"), "white", "large", 32, 32, 17, family[0])
+        pictures = {np.asarray(world.render(replace(base, pattern=p))).tobytes() for p in family}
+        assert len(pictures) == len(family)
+        assert len({world.caption(replace(base, pattern=p)) for p in family}) == 1
+
+
+def test_held_out_combinations_never_appear_in_base_training():
     rng = random.Random(0)
-    for _ in range(200):
-        caption = world.base_caption_for_training(rng, world.random_scene(rng))
-        assert not set(caption.split()) & set(IDENTIFIER_TOKENS)
+    held_out_captions = {" ".join([*s.colours[:1], "and", *s.colours[1:], s.class_word]) for s in world.SUBJECTS.values()}
+    kinds = set()
+    for _ in range(3000):
+        scene = world.random_world_scene(rng)
+        kinds.add(scene.pattern.kind)
+        assert not world.is_held_out(scene.shape, scene.colours, scene.pattern.kind), scene
+        text = world.base_caption_for_training(rng, scene)
+        assert not set(text.split()) & set(IDENTIFIER_TOKENS)
+        assert not any(h in text for h in held_out_captions), text
+    assert kinds == set(world.PATTERNS)
+    for spec in world.SUBJECTS.values():  # ... while their shape, colours and pattern kind each occur
+        assert world.is_held_out(spec.shape, spec.colours[::-1], spec.pattern.kind)
     vocab, _ = build_vocab_and_merges()
     assert all(f"{t}</w>" in vocab for t in IDENTIFIER_TOKENS)
+    assert all(f"{w}</w>" in vocab for w in world.PATTERN_WORDS.values())
 
 
 def test_checker_is_accurate_on_renders_and_chance_on_noise():
@@ -53,11 +84,54 @@ def test_checker_is_accurate_on_renders_and_chance_on_noise():
         assert acc <= result["chance"][key] + 0.2, (key, acc)
 
 
-def test_subject_similarity_separates_subject_from_plain_objects():
-    rng = random.Random(5)
-    for name, spec in world.SUBJECTS.items():
-        own = [checker.subject_similarity(world.render(world.subject_scene(rng, name, size="large")), name)
-               for _ in range(10)]
-        plain = [checker.subject_similarity(world.render(world.Scene(spec.shape, (c,), "white", "large", 32, 32, 17)),
-                                            name) for c in world.OBJECT_COLOURS]
-        assert np.mean(own) >= 0.8 and max(plain) < 0.7, (name, np.mean(own), max(plain))
+@pytest.mark.parametrize("name", list(world.SUBJECTS))
+def test_subject_similarity_scores_the_exact_instance_not_its_family(name):
+    """The subject matches at every size and place; every other member of its family (same shape, colours and
+    pattern word, other geometry) and every plain object scores clearly below the match threshold."""
+    spec = world.SUBJECTS[name]
+    rng = random.Random(6)
+    own = [checker.subject_similarity(world.render(world.subject_scene(rng, name, size=size)), name)
+           for size in ("large", "small") for _ in range(8)]
+    assert min(own) >= checker.SUBJECT_MATCH, (name, min(own))
+    family = []
+    for pattern in world.pattern_family(spec.pattern.kind):
+        if pattern == spec.pattern:
+            continue
+        for size in ("large", "small"):
+            scene = replace(world.subject_scene(rng, name, size=size), pattern=pattern)
+            family.append(checker.subject_similarity(world.render(scene), name))
+    assert len(family) >= 6 and max(family) <= checker.SUBJECT_MATCH - 0.1, (name, max(family))
+    plain = [checker.subject_similarity(world.render(world.Scene(spec.shape, (c,), "white", "large", 32, 32, 17)), name)
+             for c in world.OBJECT_COLOURS]
+    assert max(plain) <= checker.SUBJECT_MATCH - 0.1, (name, max(plain))
+
+
+def test_subject_similarity_does_not_depend_on_place_or_size():
+    rng = random.Random(8)
+    for name in world.SUBJECTS:
+        scores = [checker.subject_similarity(world.render(world.subject_scene(rng, name, size=size)), name)
+                  for size in ("large", "small") for _ in range(6)]
+        assert min(scores) >= checker.SUBJECT_MATCH and max(scores) - min(scores) <= 0.3, (name, scores)
+
+
+def test_context_prompts_cover_backgrounds_sizes_and_a_combination_never_shown():
+    prompts = subject_prompts("sks", "striped-circle")
+    assert len(prompts) >= 6
+    assert {p.background for p in prompts} == set(world.BACKGROUNDS)
+    assert {p.size for p in prompts} >= set(world.SIZES)
+    assert all("sks striped circle" in p.text for p in prompts)
+    assert any(p.background == "black" for p in prompts)  # the demo's instance pictures show white and gray only
+
+
+def test_named_attributes_follow_the_caption_words():
+    assert named_attributes("a large red and blue striped circle on a white background") == {
+        "shape", "pattern", "background", "colour", "size"}
+    assert named_attributes("a striped circle on a white background") == {"shape", "pattern", "background"}
+
+
+def test_control_maps_follow_the_object():
+    scene = world.Scene("square", ("red",), "white", "large", 32, 32, 16)
+    seg = np.asarray(world.render_segmentation(scene))
+    assert tuple(seg[32, 32]) == world.SEGMENTATION_COLOURS["square"] and tuple(seg[2, 2]) == (0, 0, 0)
+    edges = np.asarray(world.render_edges(scene))[..., 0] > 0
+    assert edges[16, 32] and not edges[32, 32] and not edges[2, 2]

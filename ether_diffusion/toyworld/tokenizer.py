@@ -11,7 +11,7 @@ import json
 import string
 from pathlib import Path
 
-from .world import BACKGROUNDS, OBJECT_COLOURS, SHAPES, SIZES
+from .world import BACKGROUNDS, OBJECT_COLOURS, PATTERN_WORDS, SHAPES, SIZES
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 IDENTIFIER_TOKENS = ("sks", "zwx", "qwe", "xjy", "vpk", "ohwx")
@@ -21,7 +21,8 @@ MAX_LENGTH = 32
 
 
 def vocabulary_words() -> list[str]:
-    words = [*EXTRA_WORDS, *SIZES, *OBJECT_COLOURS, *SHAPES, *BACKGROUNDS, *IDENTIFIER_TOKENS]
+    words = [*EXTRA_WORDS, *SIZES, *OBJECT_COLOURS, *SHAPES, *BACKGROUNDS, *IDENTIFIER_TOKENS,
+             *PATTERN_WORDS.values()]
     return list(dict.fromkeys(words))
 
 

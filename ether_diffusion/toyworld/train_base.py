@@ -38,12 +38,10 @@ def to_tensor(images: list) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def render_pool(n: int, seed: int, patterned_fraction: float = 0.0) -> tuple[list[world.Scene], torch.Tensor]:
+def render_pool(n: int, seed: int) -> tuple[list[world.Scene], torch.Tensor]:
+    """n seeded scenes of the base world (solid and patterned objects) and their pictures."""
     rng = random.Random(seed)
-    scenes = [
-        world.random_patterned_scene(rng) if rng.random() < patterned_fraction else world.random_scene(rng)
-        for _ in range(n)
-    ]
+    scenes = [world.random_world_scene(rng) for _ in range(n)]
     return scenes, to_tensor([world.render(s) for s in tqdm(scenes, desc="render", leave=False)])
 
 
@@ -51,9 +49,8 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, seed: int, log, ckpt_path: Path) -> None:
+def train_vae(vae, images: torch.Tensor, steps: int, seed: int, log, ckpt_path: Path, peak_lr: float = 2e-3) -> None:
     """Reconstruction + tiny KL on random 32×32 crops, cosine-decayed LR; resumable from `ckpt_path`."""
-    peak_lr = 2e-3
     opt = torch.optim.AdamW(vae.parameters(), lr=peak_lr, weight_decay=0.0)
     start = 0
     if ckpt_path.exists():
@@ -108,6 +105,22 @@ def settle_identifier_tokens(text_encoder, tokenizer) -> None:
     table[identifiers] = table[colours].mean(0)
 
 
+@torch.no_grad()
+def transfer_text_encoder(old, old_tokenizer, new, new_tokenizer) -> int:
+    """Copy a trained text encoder into one with a larger vocabulary: every weight, and the embedding row of each
+    token both vocabularies share (matched by spelling, so ids may differ). Returns the number of new tokens."""
+    state = {k: v for k, v in old.state_dict().items() if "token_embedding" not in k}
+    new.load_state_dict(state, strict=False)
+    old_vocab, table, old_table = old_tokenizer.get_vocab(), new.get_input_embeddings().weight, old.get_input_embeddings().weight
+    fresh = 0
+    for token, index in new_tokenizer.get_vocab().items():
+        if token in old_vocab:
+            table[index] = old_table[old_vocab[token]]
+        else:
+            fresh += 1
+    return fresh
+
+
 def unet_lr(peak: float, step: int, total: int) -> float:
     """Warm-up over 200 steps, constant, then a cosine down to 10% over the last 30% of the steps.
 
@@ -133,7 +146,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pool", type=int, default=20000, help="number of rendered training scenes")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--lr", type=float, default=6e-4)
+    ap.add_argument("--vae-lr", type=float, default=2e-3, help="peak VAE learning rate (cosine-decayed)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init-from", type=Path, default=None,
+                    help="start VAE, UNet and text encoder from this pipeline folder instead of from scratch "
+                         "(continued training; words new to the vocabulary get fresh embeddings)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -149,13 +166,17 @@ def main(argv: list[str] | None = None) -> None:
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
 
+    init = StableDiffusionPipeline.from_pretrained(args.init_from, local_files_only=True).to(torch.float32) \
+        if args.init_from else None
     vae_path = out / "vae.pt"
     vae = AutoencoderKL(**vae_config())
     if vae_path.exists():
         vae.load_state_dict(torch.load(vae_path, weights_only=True))
     else:
-        _, vae_images = render_pool(8000, args.seed + 1, patterned_fraction=0.3)
-        train_vae(vae, vae_images, args.vae_steps, args.seed, log, out / "vae-checkpoint.pt")
+        if init is not None:
+            vae.load_state_dict(init.vae.state_dict())
+        _, vae_images = render_pool(8000, args.seed + 1)
+        train_vae(vae, vae_images, args.vae_steps, args.seed, log, out / "vae-checkpoint.pt", args.vae_lr)
         save_checkpoint(vae_path, vae.state_dict())
     vae.eval().requires_grad_(False)
 
@@ -169,6 +190,11 @@ def main(argv: list[str] | None = None) -> None:
 
     unet = UNet2DConditionModel(**unet_config())
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
+    if init is not None:
+        unet.load_state_dict(init.unet.state_dict())
+        fresh = transfer_text_encoder(init.text_encoder, init.tokenizer, text_encoder, tokenizer)
+        log({"stage": "init", "from": str(args.init_from), "new_tokens": fresh})
+        del init
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     ema_unet, ema_text = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(text_encoder).requires_grad_(False)
