@@ -25,7 +25,7 @@ from ether_diffusion.atomic import atomic_write_text
 from ether_diffusion.demo import DemoSettings, dreambooth_config, render_instances, score
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.toyworld import world
-from ether_diffusion.train import DreamBoothConfig, train_dreambooth
+from ether_diffusion.train import train_dreambooth
 
 RECOMMENDED = {"ether": 6e-3, "etherplus": 6e-3, "lora-r4": 6e-4, "oft": 6e-5}
 MULTIPLIERS = (0.1, 1.0, 10.0, 100.0)

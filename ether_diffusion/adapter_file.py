@@ -280,7 +280,8 @@ def read_adapter_file(path: str | Path) -> AdapterFile:
                     expected.update(_expected_encoder_tensors(meta["control"]))
             except (ValueError, TypeError, KeyError, RuntimeError) as exc:
                 raise AdapterFileError(f"{path}: {exc}") from None
-            table = {k: (tuple(fh.get_slice(k).get_shape()), fh.get_slice(k).get_dtype()) for k in fh.keys()}
+            slices = {k: fh.get_slice(k) for k in fh.keys()}
+            table = {k: (tuple(s.get_shape()), s.get_dtype()) for k, s in slices.items()}
             _check_table(path, table, expected)
             tensors = {k: fh.get_tensor(k) for k in table}
     except AdapterFileError:

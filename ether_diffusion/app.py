@@ -20,14 +20,18 @@ NONE = "(none)"
 SLOTS = 3
 
 
+# The `/generate` inputs before the adapter slots, with the defaults gradio_client callers get
+FIXED_INPUTS = (("prompt", inspect.Parameter.empty), ("negative_prompt", ""), ("seed", 0), ("random_seed", False),
+                ("steps", 20), ("guidance", 7.5), ("scheduler", "DPM++ 2M"), ("num_images", 1), ("size", None),
+                ("mode", "single"))
+
+
 def api_signature(slots: int, progress) -> inspect.Signature:
     """The `/generate` endpoint's parameters as gradio_client callers see them: meaningful names, and defaults
     (so optional) for everything but the prompt: `adapter_1`, `strength_1`, …, `control_image`."""
     P = inspect.Parameter
-    fixed = [("prompt", P.empty), ("negative_prompt", ""), ("seed", 0), ("random_seed", False), ("steps", 20),
-             ("guidance", 7.5), ("scheduler", "DPM++ 2M"), ("num_images", 1), ("size", None), ("mode", "single")]
-    names = fixed + [(f"adapter_{i + 1}", NONE) for i in range(slots)] + \
-        [(f"strength_{i + 1}", 1.0) for i in range(slots)] + [("control_image", None)]
+    names = [*FIXED_INPUTS, *((f"adapter_{i + 1}", NONE) for i in range(slots)),
+             *((f"strength_{i + 1}", 1.0) for i in range(slots)), ("control_image", None)]
     params = [P(name, P.POSITIONAL_OR_KEYWORD, default=default) for name, default in names]
     return inspect.Signature([*params, P("progress", P.KEYWORD_ONLY, default=progress)])
 
@@ -76,11 +80,12 @@ def build_app(studio: Studio, slots: int = SLOTS):
         return *[gr.update(choices=choices()) for _ in range(slots)], f"Added `{name}`."
 
     def run(*values, progress=gr.Progress()):
-        """Positional values in the order of `API_PARAMETERS` (named so for gradio_client callers)."""
+        """Positional values in the order of `api_signature` (named so for gradio_client callers)."""
         progress(0, desc="generating")
-        (prompt, negative, seed, random_seed, steps, guidance, scheduler, num_images, size, mode) = values[:10]
-        names, strengths = values[10 : 10 + slots], values[10 + slots : 10 + 2 * slots]
-        hint = values[10 + 2 * slots] if len(values) > 10 + 2 * slots else None
+        fixed = len(FIXED_INPUTS)
+        prompt, negative, seed, random_seed, steps, guidance, scheduler, num_images, size, mode = values[:fixed]
+        names, strengths = values[fixed : fixed + slots], values[fixed + slots : fixed + 2 * slots]
+        hint = values[fixed + 2 * slots] if len(values) > fixed + 2 * slots else None
         adapters = [(n, float(s)) for n, s in zip(names, strengths) if n not in (None, NONE)]
         seed = random.randint(0, 2**31 - 1) if random_seed else int(seed)
         req = Request(prompt=prompt, negative_prompt=negative, seed=seed, steps=int(steps), guidance=float(guidance),
@@ -175,7 +180,7 @@ def add_app_arguments(p) -> None:
     p.add_argument("--adapters-dir", default=env("ETHER_ADAPTERS_DIR"),
                    help=f"adapter files to offer (env ETHER_ADAPTERS_DIR; default: {default_adapters_dir()})")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="env GRADIO_SERVER_NAME")
-    p.add_argument("--port", type=int, default=int(env("GRADIO_SERVER_PORT", "7860")), help="env GRADIO_SERVER_PORT")
+    p.add_argument("--port", type=int, default=env("GRADIO_SERVER_PORT", "7860"), help="env GRADIO_SERVER_PORT")
     add_device_arguments(p)
     p.add_argument("--offload", action="store_true",
                    help="small GPUs: keep models in CPU memory, each moved to the GPU only while it runs")
@@ -191,17 +196,10 @@ def main(argv: list[str] | None = None) -> int:
     """The app as a program of its own (a Hugging Face Space's app.py calls this): same options as
     `ether-diffusion app`, user errors as one line and exit status 2."""
     import argparse
-    import sys
 
-    from .cli import quiet_libraries
+    from .cli import run_command
 
     parser = argparse.ArgumentParser(prog="app.py", description="ether-diffusion: sample from ETHER adapters")
     add_app_arguments(parser)
     args = parser.parse_args(argv)
-    quiet_libraries()
-    try:
-        args.func(args)
-    except EtherError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return run_command(lambda: args.func(args))

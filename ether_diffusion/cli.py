@@ -225,15 +225,15 @@ def quiet_libraries() -> None:
     warnings.showwarning = _show_warning
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not args.debug:
+def run_command(work, debug: bool = False) -> int:
+    """Run a command's work as every entry point does (`ether-diffusion`, the apps/ programs): quiet libraries
+    unless debugging, a user error as one `error: …` line and exit status 2, Ctrl-C as 130."""
+    if not debug:
         quiet_libraries()
     try:
-        args.func(args)
+        work()
     except EtherError as exc:
-        if args.debug:
+        if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -241,6 +241,11 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: args.func(args), args.debug)
 
 
 if __name__ == "__main__":

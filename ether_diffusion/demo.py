@@ -52,11 +52,11 @@ INSTANCE_CONTEXTS = (("large", "white"), ("small", "white"), ("large", "gray"), 
 
 
 def instance_prompt(settings: DemoSettings) -> str:
-    return f"a {settings.token} {world.SUBJECTS[settings.subject].class_word} on a white background"
+    return world.subject_caption(settings.subject, "white", token=settings.token)
 
 
 def class_prompt(settings: DemoSettings) -> str:
-    return f"a {world.SUBJECTS[settings.subject].class_word} on a white background"
+    return world.subject_caption(settings.subject, "white")
 
 
 def render_instances(settings: DemoSettings, folder: Path) -> None:
@@ -114,8 +114,9 @@ def _markdown(report: dict) -> str:
         f"wall time {report['seconds']['total']:.0f} s.", "",
         "| model | subject fidelity | subject match rate | prompt fidelity | class drift |", "|---|---|---|---|---|",
         *rows, "",
-        "Subject fidelity: share of the object's pixels whose colour matches the subject's exact pattern, times the "
-        "shape overlap (toy-world checker, the stand-in for DINO/CLIP-I); a match is a score of at least "
+        "Subject fidelity: for each of the subject's colours, the share of the object's pixels where its exact "
+        "pattern puts that colour that show it, averaged over the colours, times the shape overlap (toy-world "
+        "checker, the stand-in for DINO/CLIP-I); a match is a score of at least "
         f"{checker.SUBJECT_MATCH}, which no other member of the subject's family reaches. Prompt fidelity: share of "
         "pictures showing the subject's family (shape and pattern kind) on the background and at the size the prompt "
         "asks for (the stand-in for CLIP-T). Class drift: share of class-prompt pictures that match the subject "

@@ -70,8 +70,8 @@ class Studio:
         self.adapters_dir = Path(adapters_dir)
         self.uploads_dir = Path(uploads_dir) if uploads_dir else self.adapters_dir / "uploads"
         self.lock = threading.RLock()  # one request at a time: the active set is shared state
-        self._loaded: dict[Path, tuple[str, tuple[int, int]]] = {}  # file → (internal name, file version)
-        self._display: dict[str, str] = {}  # internal name → listed file name, for messages
+        # file → (internal adapter name, file version, listed name); the listed name is what messages show
+        self._loaded: dict[Path, tuple[str, tuple[int, int], str]] = {}
         self._counter = 0
         self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
         self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
@@ -150,13 +150,12 @@ class Studio:
             internal = f"a{self._counter}"
             self._counter += 1
             load_ether_weights(self.pipe, path, adapter_name=internal)
-            self._loaded[path] = (internal, version)
-            self._display[internal] = name
+            self._loaded[path] = (internal, version, name)
             return internal
 
     def public_message(self, message: str) -> str:
         """An error message with internal adapter names ('a3') replaced by the file names the user picked."""
-        for internal, name in self._display.items():
+        for internal, _, name in self._loaded.values():
             message = re.sub(rf"(?<![\w/]){re.escape(internal)}(?![\w.])", name, message)
         return message
 

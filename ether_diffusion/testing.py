@@ -139,3 +139,15 @@ def write_adapter_tensors(out, tensors: dict, metadata: dict | str, checksum: bo
     extra = {CHECKSUM_KEY: content_checksum(meta_json, tensors)} if checksum else {}
     save_file(tensors, str(out), metadata={"format": "pt", METADATA_KEY: meta_json, **extra})
     return out
+
+
+def randomise_vectors(model, name: str = "a", seed: int = 0) -> None:
+    """Give every vector of adapter `name` on `model` reproducible random values: away from ETHER+'s identity
+    start, so tests compare real transforms."""
+    from .inject import adapter_modules
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for adapter in adapter_modules(model, name).values():
+            for p in adapter.vectors.values():
+                p.copy_(torch.randn(p.shape, generator=g))

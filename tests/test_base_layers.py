@@ -8,17 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ether_diffusion import AdapterConfig, EtherError, add_adapter, merge_adapters, unmerge_adapters
-from ether_diffusion.inject import adapter_modules, ether_layers
+from ether_diffusion.inject import ether_layers
+from ether_diffusion.testing import randomise_vectors
 
 from test_math import reference_H
-
-
-def randomise(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for adapter in adapter_modules(model, "a").values():
-            for p in adapter.vectors.values():
-                p.copy_(torch.randn(p.shape, generator=g))
 
 
 def dense(layer, side):
@@ -33,7 +26,7 @@ def test_padded_1x1_conv_keeps_its_output_shape_and_matches_the_dense_reference(
     model = nn.Sequential()
     model.add_module("proj", conv)
     add_adapter(model, "a", AdapterConfig(method="etherplus", sides="both", targets="proj"))
-    randomise(model)
+    randomise_vectors(model)
     x = torch.randn(2, 8, 7, 7)
     layer = model.proj
     w = dense(layer, "output") @ conv.weight.double().view(12, 8) @ dense(layer, "input")
@@ -50,7 +43,7 @@ def test_sequential_cpu_offload_hooks_load_base_weights_and_adapter_vectors():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 24), nn.GELU(), nn.Linear(24, 8))
     add_adapter(model, "a", AdapterConfig(method="etherplus", targets="0,2"))
-    randomise(model)
+    randomise_vectors(model)
     x = torch.randn(3, 16)
     want = model(x).detach()
     cpu_offload(model, execution_device=torch.device("cpu"))
@@ -64,8 +57,8 @@ def test_diffusers_sequential_offload_on_a_tiny_pipeline():
     pipe = tiny_sd_pipeline()
     add_adapter(pipe.unet, "a", AdapterConfig(method="etherplus", targets="attn"))
     add_adapter(pipe.text_encoder, "a", AdapterConfig(method="ether", targets="text"))
-    randomise(pipe.unet)
-    randomise(pipe.text_encoder, 1)
+    randomise_vectors(pipe.unet)
+    randomise_vectors(pipe.text_encoder, seed=1)
     kwargs = dict(num_inference_steps=2, height=32, width=32, output_type="np")
     want = pipe("a red circle", generator=torch.Generator().manual_seed(0), **kwargs).images
     from accelerate import cpu_offload
@@ -86,7 +79,7 @@ def test_bitsandbytes_int8_linear_runs_through_its_own_forward_and_refuses_mergi
     model.add_module("proj", q.to("cpu"))  # quantises the weight to int8
     assert model.proj.weight.dtype == torch.int8
     add_adapter(model, "a", AdapterConfig(method="etherplus", sides="both", targets="proj"))
-    randomise(model)
+    randomise_vectors(model)
     layer = model.proj
     x = torch.randn(5, 64)
     h_in, h_out = dense(layer, "input").float(), dense(layer, "output").float()
@@ -109,7 +102,7 @@ def test_bitsandbytes_4bit_linear_is_adapted_too():
     model = nn.Sequential()
     model.add_module("proj", q.to("cpu"))
     add_adapter(model, "a", AdapterConfig(method="ether", sides="input", targets="proj"))
-    randomise(model)
+    randomise_vectors(model)
     x = torch.randn(5, 64)
     want = model.proj.base(x @ dense(model.proj, "input").float().T)
     assert torch.allclose(model(x), want, atol=1e-5)
@@ -135,7 +128,7 @@ def test_other_layer_kinds_are_refused_with_the_layer_name(module):
 def test_casting_the_model_never_rounds_the_fp32_vectors(dtype):
     model = nn.Sequential(nn.Linear(40, 40))
     add_adapter(model, "a", AdapterConfig(method="etherplus", targets="0"))
-    randomise(model)
+    randomise_vectors(model)
     before = {k: v.detach().clone() for k, v in model.named_parameters() if "ether_adapters" in k}
     assert all(v.dtype == torch.float32 for v in before.values())
     for cast in (lambda m: m.to(dtype), lambda m: m.half() if dtype == torch.float16 else m.bfloat16(),
@@ -155,7 +148,7 @@ def test_merge_keeps_the_original_weight_in_cpu_memory_and_unmerges_bit_for_bit(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16))
     add_adapter(model, "a", AdapterConfig(method="etherplus", targets="0"))
-    randomise(model)
+    randomise_vectors(model)
     original = model[0].base.weight.detach().clone()
     merge_adapters(model)
     assert model[0]._original_weight.device.type == "cpu"

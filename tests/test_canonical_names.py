@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from ether_diffusion import AdapterConfig, add_adapter
 from ether_diffusion.adapter_file import load_adapter, save_adapter
 from ether_diffusion.export import export_lora, lora_key_names
-from ether_diffusion.inject import adapter_modules, ether_layers
+from ether_diffusion.inject import ether_layers
 from ether_diffusion.pipelines import pipeline_components
-from ether_diffusion.testing import tiny_sd_pipeline, write_adapter_tensors
+from ether_diffusion.testing import randomise_vectors, tiny_sd_pipeline, write_adapter_tensors
 
 ATTN = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj")
@@ -106,11 +106,7 @@ def adapted_tiny():
     pipe = tiny_sd_pipeline()
     for comp, model in pipeline_components(pipe).items():
         add_adapter(model, "a", AdapterConfig(method="etherplus", targets="attn" if comp == "unet" else "text"))
-        g = torch.Generator().manual_seed(len(comp))
-        with torch.no_grad():
-            for adapter in adapter_modules(model, "a").values():
-                for p in adapter.vectors.values():
-                    p.copy_(torch.randn(p.shape, generator=g))
+        randomise_vectors(model, "a", seed=len(comp))
     return pipe
 
 

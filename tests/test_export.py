@@ -5,9 +5,9 @@ import torch
 
 from ether_diffusion import AdapterConfig, EtherError, add_adapter, set_adapters
 from ether_diffusion.export import export_lora, export_merged
-from ether_diffusion.inject import adapter_modules, ether_layers
+from ether_diffusion.inject import ether_layers
 from ether_diffusion.pipelines import fuse_ether, pipeline_components, unfuse_ether
-from ether_diffusion.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
+from ether_diffusion.testing import randomise_vectors, tiny_sd_pipeline, tiny_sdxl_pipeline
 
 pytest.importorskip("peft", reason="diffusers loads LoRA files through PEFT")
 
@@ -22,11 +22,7 @@ def adapted(kind, method, n, with_text=True, seed=0):
             continue
         targets = "attn" if comp == "unet" else "text"
         add_adapter(model, "a", AdapterConfig(method=method, n_blocks=n, sides=sides, targets=targets))
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for adapter in adapter_modules(model, "a").values():
-                for p in adapter.vectors.values():
-                    p.copy_(torch.randn(p.shape, generator=g))
+        randomise_vectors(model, "a", seed)
     return pipe
 
 

@@ -14,9 +14,9 @@ from safetensors import safe_open
 from ether_diffusion import AdapterConfig, AdapterFileError, EtherError, add_adapter
 from ether_diffusion.adapter_file import METADATA_KEY, load_adapter, read_adapter_file
 from ether_diffusion.cli import main
-from ether_diffusion.inject import adapter_modules, ether_layers
+from ether_diffusion.inject import ether_layers
 from ether_diffusion.pipelines import pipeline_components, save_ether_weights
-from ether_diffusion.testing import tiny_sd_pipeline, write_adapter_tensors
+from ether_diffusion.testing import randomise_vectors, tiny_sd_pipeline, write_adapter_tensors
 
 
 @contextmanager
@@ -40,12 +40,8 @@ def valid(tmp_path_factory):
     pipe = tiny_sd_pipeline()
     add_adapter(pipe.unet, "a", AdapterConfig(method="etherplus", n_blocks=2))
     add_adapter(pipe.text_encoder, "a", AdapterConfig(method="ether", targets="text"))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for model in (pipe.unet, pipe.text_encoder):
-            for adapter in adapter_modules(model, "a").values():
-                for p in adapter.vectors.values():
-                    p.copy_(torch.randn(p.shape, generator=g))
+    randomise_vectors(pipe.unet)
+    randomise_vectors(pipe.text_encoder, seed=1)
     path = save_ether_weights(pipe, tmp_path_factory.mktemp("valid") / "a.safetensors", "a",
                               info={"instance_prompt": "a sks circle"})
     with safe_open(str(path), "pt") as fh:

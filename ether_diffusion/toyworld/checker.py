@@ -4,8 +4,9 @@ It needs no learned weights: background = median of the border, object = pixels 
 among ideal shapes fitted to the object's bounding box, size = bounding-box extent, colours = the one or two
 palette colours that cover the object's interior, pattern = the kind whose best-fitting geometry agrees most with
 where the second colour lies. Subject fidelity compares the palette-quantised object with the subject's exact
-instance rendered into the object's own bounding box, so it ignores place and size but not pattern geometry: a
-red/yellow striped circle with other bands or another angle scores clearly lower than the subject.
+instance rendered into the object's own (fitted) bounding box, colour by colour, so it ignores place and size but
+not pattern geometry: a red/yellow striped circle with other bands or another angle scores clearly lower than
+the subject, and a plain object in one of its colours at most one half.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from .world import (
 OBJECT_DISTANCE = 60.0  # RGB distance from the background that counts as "object"
 MIN_OBJECT_PIXELS = 12
 SECOND_COLOUR_SHARE = 0.15  # a second palette colour covering less of the interior than this is noise
+ATTRIBUTES = ("background", "colour", "pattern", "shape", "size")  # what a reading is scored on
 SUBJECT_MATCH = 0.7  # subject similarity at or above this counts as "the subject is there"
 PALETTE_NAMES = list(OBJECT_COLOURS)
 PALETTE = np.array([OBJECT_COLOURS[n] for n in PALETTE_NAMES], np.float32)
@@ -93,6 +95,12 @@ def _bbox(mask: np.ndarray) -> tuple[float, float, float]:
     return (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) / 2
 
 
+def _shape_iou(shape: str, box: tuple[float, float, float], mask: np.ndarray) -> float:
+    """IoU of the object mask with the ideal `shape` drawn in `box`."""
+    ideal = shape_mask(shape, *box) >= 0.5
+    return float((ideal & mask).sum() / max((ideal | mask).sum(), 1))
+
+
 def _fit_box(mask: np.ndarray, shape: str) -> tuple[tuple[float, float, float], float]:
     """The box (cx, cy, r) whose ideal `shape` best overlaps the object, and that IoU. The pixel bounding box
     misses anti-aliased tips (a small diamond's by up to a pixel), so half-pixel shifts and growths are tried."""
@@ -102,8 +110,7 @@ def _fit_box(mask: np.ndarray, shape: str) -> tuple[tuple[float, float, float], 
         for dx in (-0.5, 0.0, 0.5):
             for dy in (-0.5, 0.0, 0.5):
                 box = (cx + dx, cy + dy, r + dr)
-                ideal = shape_mask(shape, *box) >= 0.5
-                iou = float((ideal & mask).sum() / max((ideal | mask).sum(), 1))
+                iou = _shape_iou(shape, box, mask)
                 if iou > best_iou:
                     best, best_iou = box, iou
     return best, best_iou
@@ -127,21 +134,22 @@ def _read_pattern(rgb: np.ndarray, interior: np.ndarray, shape: str, colours: tu
     return best_kind
 
 
-def read(image: Image.Image | np.ndarray) -> Reading:
-    """Background, object colours, pattern kind, shape and size of a 64×64 toy-world picture."""
-    rgb = _as_array(image)
+def _segment(rgb: np.ndarray) -> tuple[str, np.ndarray]:
+    """The background's name (median of the border) and the object mask (pixels far from it)."""
     border = np.concatenate([rgb[:2].reshape(-1, 3), rgb[-2:].reshape(-1, 3), rgb[:, :2].reshape(-1, 3),
                              rgb[:, -2:].reshape(-1, 3)])
     bg_rgb = np.median(border, axis=0)
-    background = _nearest(bg_rgb, BACKGROUNDS)
-    mask = np.linalg.norm(rgb - bg_rgb, axis=-1) > OBJECT_DISTANCE
+    return _nearest(bg_rgb, BACKGROUNDS), np.linalg.norm(rgb - bg_rgb, axis=-1) > OBJECT_DISTANCE
+
+
+def read(image: Image.Image | np.ndarray) -> Reading:
+    """Background, object colours, pattern kind, shape and size of a 64×64 toy-world picture."""
+    rgb = _as_array(image)
+    background, mask = _segment(rgb)
     if mask.sum() < MIN_OBJECT_PIXELS:
         return Reading(background, None, None, None, None, 0.0, mask)
     box = _bbox(mask)
-    ious = {}
-    for shape in SHAPES:
-        ideal = shape_mask(shape, *box) >= 0.5
-        ious[shape] = float((ideal & mask).sum() / max((ideal | mask).sum(), 1))
+    ious = {shape: _shape_iou(shape, box, mask) for shape in SHAPES}
     shape = max(ious, key=ious.get)
     interior = mask & erode(mask)
     if interior.sum() < MIN_OBJECT_PIXELS // 2:
@@ -167,12 +175,12 @@ def instance_similarity(image: Image.Image | np.ndarray, shape: str, colours: tu
     only the look. No object found scores 0.
     """
     rgb = _as_array(image)
-    reading = read(rgb)
-    if reading.shape is None:
+    _, mask = _segment(rgb)  # only the object's outline is needed, not a full reading
+    if mask.sum() < MIN_OBJECT_PIXELS:
         return 0.0
-    box, coverage = _fit_box(reading.mask, shape)
-    reference = Scene(shape, colours, reading.background, "large", *box, pattern)
-    region = (shape_mask(shape, *box) >= 0.5) & erode(reading.mask)  # rims blend two colours: judge the interior
+    box, coverage = _fit_box(mask, shape)
+    reference = Scene(shape, colours, "white", "large", *box, pattern)  # the background plays no part here
+    region = (shape_mask(shape, *box) >= 0.5) & erode(mask)  # rims blend two colours: judge the interior
     if region.sum() == 0:
         return 0.0
     got = _palette_labels(rgb[region])

@@ -29,9 +29,7 @@ class SubjectPrompt:
 
 def subject_prompt(token: str, subject: str, background: str, size: str | None = None) -> SubjectPrompt:
     """'a [size] TOKEN pattern shape on a BACKGROUND background': the subject's family words after the token."""
-    words = ["a", *([size] if size else []), token, world.SUBJECTS[subject].class_word,
-             "on", "a", background, "background"]
-    return SubjectPrompt(" ".join(words), background, size)
+    return SubjectPrompt(world.subject_caption(subject, background, size, token), background, size)
 
 
 def subject_prompts(token: str, subject: str) -> list[SubjectPrompt]:
@@ -76,7 +74,7 @@ def base_quality(pipe, n: int, seed: int, steps: int = 25, guidance: float = 7.5
     rng = random.Random(seed)
     scenes = [world.random_world_scene(rng) for _ in range(n)]
     captions = [world.base_caption_for_training(rng, s) for s in scenes]
-    keys = ("background", "colour", "pattern", "shape", "size")
+    keys = checker.ATTRIBUTES
     hits, named_counts = {k: 0 for k in keys}, {k: 0 for k in keys}
     all_ok = 0
     by_pattern: dict[str, list[bool]] = {}
@@ -136,7 +134,7 @@ def checker_validation(n: int = 500, seed: int = 0) -> dict:
     rng = random.Random(seed)
     scenes = [world.random_world_scene(rng) for _ in range(n)]
     noise_rng = np.random.default_rng(seed)
-    keys = ("background", "colour", "pattern", "shape", "size")
+    keys = checker.ATTRIBUTES
     result = {}
     for label, images in (("clean", (world.render(s) for s in scenes)),
                           ("noise", (noise_rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in scenes))):

@@ -174,9 +174,9 @@ def random_scene(rng: random.Random, background: str | None = None) -> Scene:
     )
 
 
-def random_patterned_scene(rng: random.Random, background: str | None = None) -> Scene:
+def random_patterned_scene(rng: random.Random) -> Scene:
     """A base-world scene with a two-colour pattern of random geometry; never a held-out subject's combination."""
-    base = random_scene(rng, background)
+    base = random_scene(rng)
     while True:
         kind = rng.choice(PATTERNS[1:])
         colours = colour_pair(*rng.sample(list(OBJECT_COLOURS), 2))
@@ -184,9 +184,9 @@ def random_patterned_scene(rng: random.Random, background: str | None = None) ->
             return replace(base, colours=colours, pattern=random_pattern(rng, kind))
 
 
-def random_world_scene(rng: random.Random, patterned_fraction: float = PATTERNED_FRACTION) -> Scene:
+def random_world_scene(rng: random.Random) -> Scene:
     """A scene from the base model's training distribution: solid or patterned objects."""
-    return random_patterned_scene(rng) if rng.random() < patterned_fraction else random_scene(rng)
+    return random_patterned_scene(rng) if rng.random() < PATTERNED_FRACTION else random_scene(rng)
 
 
 def subject_scene(rng: random.Random, subject: str, background: str | None = None, size: str | None = None) -> Scene:
@@ -223,6 +223,14 @@ def caption(scene: Scene, with_size: bool = True, with_colour: bool = True, toke
         words.append(PATTERN_WORDS[scene.pattern.kind])
     words += [scene.shape, "on", "a", scene.background, "background"]
     return " ".join(words)
+
+
+def subject_caption(subject: str, background: str, size: str | None = None, token: str | None = None) -> str:
+    """A caption for a subject in a context, in the world's grammar: the identifier token where the colours go,
+    or, without a token, the family words alone ("a striped circle on a white background", the class prompt)."""
+    spec = SUBJECTS[subject]
+    scene = Scene(spec.shape, spec.colours, background, size or "large", 0.0, 0.0, 0.0, spec.pattern, subject)
+    return caption(scene, with_size=size is not None, with_colour=False, token=token)
 
 
 def shape_polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, float]] | None:

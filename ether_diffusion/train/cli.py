@@ -59,8 +59,12 @@ def run_training(args: argparse.Namespace) -> None:
         from .control import train_control as train
     else:
         from .dreambooth import train_dreambooth as train
-    path = train(cfg)
+    announce_adapter(train(cfg))
+
+
+def announce_adapter(path) -> None:
+    """Say where the adapter went, from the process that wrote it only (not from every DDP rank)."""
     from accelerate import PartialState
 
-    if PartialState().is_main_process:  # only the process that wrote it says so
+    if PartialState().is_main_process:
         print(f"adapter written to {path}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import sys
 
 from ..data import IMAGE_SUFFIXES
 from ..errors import EtherError
@@ -98,18 +97,8 @@ def config_from_args(argv: list[str] | None = None) -> DreamBoothConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Train as `ether-diffusion train dreambooth` would; exit status 2 with one line for user errors."""
-    from accelerate import PartialState
-
-    from ..cli import quiet_libraries
+    from ..cli import run_command
+    from .cli import announce_adapter
     from .dreambooth import train_dreambooth
 
-    quiet_libraries()
-    try:
-        cfg = config_from_args(argv)
-        path = train_dreambooth(cfg)
-    except EtherError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if PartialState().is_main_process:
-        print(f"adapter written to {path}")
-    return 0
+    return run_command(lambda: announce_adapter(train_dreambooth(config_from_args(argv))))
