@@ -33,18 +33,24 @@ from ether_diffusion.atomic import atomic_write_text
 
 METHODS = ["backward-floor", "ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1",
            "full-attn"]
-TARGETS = {
-    "ETHER step ≤ 1.05× LoRA r=4": ("ether-n1", "step_time_ratio_to_lora", 1.05),
-    "ETHER+ step ≤ 1.15× LoRA r=4": ("etherplus-n1", "step_time_ratio_to_lora", 1.15),
-    "ETHER step ≤ 0.5× HRA": ("ether-n1", "step_time_ratio_to_hra", 0.5),
-    "ETHER step ≤ 0.5× OFT": ("ether-n1", "step_time_ratio_to_oft", 0.5),
-    "ETHER+ step ≤ 0.5× HRA": ("etherplus-n1", "step_time_ratio_to_hra", 0.5),
-    "ETHER+ step ≤ 0.5× OFT": ("etherplus-n1", "step_time_ratio_to_oft", 0.5),
-    "ETHER peak memory ≤ LoRA's": ("ether-n1", "peak_memory_ratio_to_lora", 1.0),
-    "ETHER+ peak memory ≤ LoRA's": ("etherplus-n1", "peak_memory_ratio_to_lora", 1.0),
-    "ETHER merged inference within 2% of base": ("ether-n1", "merged_inference_ratio_to_base", 1.02),
-    "ETHER+ merged inference within 2% of base": ("etherplus-n1", "merged_inference_ratio_to_base", 1.02),
-    "8 routed adapters ≤ 1.2× one adapter's batch": ("etherplus-n1", "routed8_ratio_to_single", 1.2),
+UNFUSED = "-unfused"  # suffix (not a default row): train through the applied transforms instead of the low-rank update
+TARGETS = {  # label: (method, figure, bound, the shape it applies to or None for every shape)
+    "ETHER step ≤ 1.05× LoRA r=4": ("ether-n1", "step_time_ratio_to_lora", 1.05, None),
+    "ETHER+ step ≤ 1.15× LoRA r=4": ("etherplus-n1", "step_time_ratio_to_lora", 1.15, None),
+    "ETHER step ≤ 1.05× the backward floor": ("ether-n1", "step_time_ratio_to_floor", 1.05, "sd15"),
+    "ETHER+ step ≤ 1.10× the backward floor": ("etherplus-n1", "step_time_ratio_to_floor", 1.10, "sd15"),
+    "ETHER+ step ≤ 1.0× LoRA r=4": ("etherplus-n1", "step_time_ratio_to_lora", 1.0, "sd15"),
+    "ETHER step ≤ 1.1× LoRA r=4 (toy shape)": ("ether-n1", "step_time_ratio_to_lora", 1.1, "quick"),
+    "ETHER+ step ≤ 1.3× LoRA r=4 (toy shape)": ("etherplus-n1", "step_time_ratio_to_lora", 1.3, "quick"),
+    "ETHER step ≤ 0.5× HRA": ("ether-n1", "step_time_ratio_to_hra", 0.5, None),
+    "ETHER step ≤ 0.5× OFT": ("ether-n1", "step_time_ratio_to_oft", 0.5, None),
+    "ETHER+ step ≤ 0.5× HRA": ("etherplus-n1", "step_time_ratio_to_hra", 0.5, None),
+    "ETHER+ step ≤ 0.5× OFT": ("etherplus-n1", "step_time_ratio_to_oft", 0.5, None),
+    "ETHER peak memory ≤ LoRA's": ("ether-n1", "peak_memory_ratio_to_lora", 1.0, None),
+    "ETHER+ peak memory ≤ LoRA's": ("etherplus-n1", "peak_memory_ratio_to_lora", 1.0, None),
+    "ETHER merged inference within 2% of base": ("ether-n1", "merged_inference_ratio_to_base", 1.02, None),
+    "ETHER+ merged inference within 2% of base": ("etherplus-n1", "merged_inference_ratio_to_base", 1.02, None),
+    "8 routed adapters ≤ 1.2× one adapter's batch": ("etherplus-n1", "routed8_ratio_to_single", 1.2, None),
 }
 
 
@@ -89,8 +95,14 @@ def attach(unet, method: str) -> None:
     from ether_diffusion import AdapterConfig, add_adapter
 
     if method.startswith("ether"):
-        kind, n = method.split("-n")
+        kind, n = method.removesuffix(UNFUSED).split("-n")
         add_adapter(unet, "a", AdapterConfig(method=kind, n_blocks=int(n), targets="attn"))
+        if method.endswith(UNFUSED):  # the applied transforms, for comparison with the low-rank training path
+            from ether_diffusion.layers import EtherLayer
+
+            for layer in unet.modules():
+                if isinstance(layer, EtherLayer):
+                    layer._low_rank_adapter = lambda: None
         return
     if method == "backward-floor":  # one bias at the bottom: the full backward pass, (almost) no parameter work
         unet.conv_in.bias.requires_grad_(True)
@@ -217,6 +229,16 @@ def routing(unet, args, x, t, ctx) -> dict:
             "routed8_ratio_to_single": routed / single, "routed8_ratio_to_sequential": routed / seq}
 
 
+def median_row(method_runs: list[dict]) -> dict:
+    """One method's rounds → one row: the median of each figure, and the step times of every round."""
+    row = dict(method_runs[0])
+    for key, value in row.items():
+        if isinstance(value, float):
+            row[key] = statistics.median(run[key] for run in method_runs)
+    row["step_time_s_rounds"] = [run["step_time_s"] for run in method_runs]
+    return row
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="toy-world UNet at 16×16 latents, few repeats")
@@ -225,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 quick, 32 otherwise)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--rounds", type=int, default=1, help="run every method this many times, in turn; report medians")
     ap.add_argument("--training-only", action="store_true", help="skip inference and multi-adapter serving timings")
     ap.add_argument("--routing", default=None, help="ETHER methods that also time 8 routed adapters "
                     "(default: all ETHER rows with --quick, ether-n1,etherplus-n1 otherwise)")
@@ -242,18 +265,20 @@ def main(argv: list[str] | None = None) -> None:
         args.method = args.worker
         print(json.dumps(worker(args)))
         return
-    rows = []
-    for method in args.methods.split(","):
-        cmd = [sys.executable, __file__, "--worker", method, "--shape", args.shape, "--device", args.device,
-               "--dtype", args.dtype, "--latent", str(args.latent), "--repeats", str(args.repeats),
-               "--routing", args.routing]
-        cmd += ["--training-only"] if args.training_only else []
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{method}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}")
-            continue
-        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
-        print(f"{method}: done", flush=True)
+    runs: dict[str, list[dict]] = {}
+    for round_index in range(args.rounds):  # methods take turns, so slow drifts of the machine hit all alike
+        for method in args.methods.split(","):
+            cmd = [sys.executable, __file__, "--worker", method, "--shape", args.shape, "--device", args.device,
+                   "--dtype", args.dtype, "--latent", str(args.latent), "--repeats", str(args.repeats),
+                   "--routing", args.routing]
+            cmd += ["--training-only"] if args.training_only else []
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{method}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}")
+                continue
+            runs.setdefault(method, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"{method}: round {round_index + 1} done", flush=True)
+    rows = [median_row(method_runs) for method_runs in runs.values()]
     by = {r["method"]: r for r in rows}
     for r in rows:
         for peer, key in (("lora-r4", "lora"), ("hra-r1", "hra"), ("oft", "oft"), ("backward-floor", "floor")):
@@ -262,13 +287,15 @@ def main(argv: list[str] | None = None) -> None:
         if "lora-r4" in by:
             r["peak_memory_ratio_to_lora"] = r["peak_memory_mb"] / max(by["lora-r4"]["peak_memory_mb"], 1e-9)
     targets = {}
-    for label, (method, key, bound) in TARGETS.items():
+    for label, (method, key, bound, shape) in TARGETS.items():
+        if shape not in (None, args.shape):
+            continue
         value = by.get(method, {}).get(key)
         targets[label] = {"value": value, "bound": bound, "met": value is not None and value <= bound}
     header = (f"{'method':14s} {'params':>10s} {'file KB':>9s} {'step s':>8s} {'×LoRA':>6s} {'peak MB':>8s} "
               f"{'unmerged×':>9s} {'merged×':>8s} {'routed8×':>8s}")
     print(f"\nshape={args.shape} latent={args.latent} device={args.device} dtype={args.dtype} "
-          f"threads={torch.get_num_threads()} repeats={args.repeats}\n{header}")
+          f"threads={torch.get_num_threads()} repeats={args.repeats} rounds={args.rounds}\n{header}")
     for r in rows:
         print(f"{r['method']:14s} {r['trainable_params']:10,d} {r['adapter_file_bytes'] / 1024:9.1f} "
               f"{r['step_time_s']:8.3f} {r.get('step_time_ratio_to_lora', float('nan')):6.2f} "
@@ -283,7 +310,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"  [{'met' if t['met'] else 'MISSED'}] {label}: {t['value']:.3f}")
     if args.out:
         report = {"shape": args.shape, "latent": args.latent, "device": args.device, "dtype": args.dtype,
-                  "threads": torch.get_num_threads(), "repeats": args.repeats,
+                  "threads": torch.get_num_threads(), "repeats": args.repeats, "rounds": args.rounds,
                   "command": "python benchmarks/adapters.py " + " ".join(sys.argv[1:]), "rows": rows,
                   "targets": targets}
         atomic_write_text(args.out, json.dumps(report, indent=2))

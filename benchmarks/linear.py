@@ -3,8 +3,9 @@
     python benchmarks/linear.py [--in-features 1280] [--tokens 4096] [--repeats 30] [--out docs/benchmarks/linear.json]
 
 Variants are timed interleaved (round-robin), so machine noise hits them alike; medians and ratios to the
-plain layer are reported. The input requires grad, as inside a network. Baselines: the plain layer training its weight, and the plain
-frozen layer (the least any adapter method pays); the adapted layers train only their vectors.
+plain layer are reported. The input requires grad, as inside a network. Baselines: the plain layer training its
+weight, the plain frozen layer (the least any adapter method pays) and PEFT's LoRA r=4; the adapted layers train
+only their vectors, through the low-rank training path and, for comparison, through the applied transforms.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from torch import nn
 
 from ether_diffusion import AdapterConfig, add_adapter
+from ether_diffusion.atomic import atomic_write_text
 
 VARIANTS = {
     "plain Linear (weight trained)": None,
@@ -27,15 +29,25 @@ VARIANTS = {
     "ETHER n=4 (input side)": AdapterConfig(method="ether", n_blocks=4, targets="proj"),
     "ETHER+ n=1 (both sides)": AdapterConfig(method="etherplus", n_blocks=1, targets="proj"),
     "ETHER+ n=4 (both sides)": AdapterConfig(method="etherplus", n_blocks=4, targets="proj"),
+    "ETHER n=1, applied transforms": (AdapterConfig(method="ether", n_blocks=1, targets="proj"), "applied"),
+    "ETHER+ n=1, applied transforms": (AdapterConfig(method="etherplus", n_blocks=1, targets="proj"), "applied"),
+    "LoRA r=4 (PEFT)": "lora",
 }
 
 
-def build(config: AdapterConfig | str | None, d: int) -> nn.Module:
+def build(config: AdapterConfig | tuple | str | None, d: int) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential()
     model.add_module("proj", nn.Linear(d, d))
     if config == "frozen":
         model.requires_grad_(False)
+    elif config == "lora":
+        from peft_methods import add_peft
+
+        add_peft(model, "lora-r4", "proj")
+    elif isinstance(config, tuple):  # the applied transforms: the layer's general path, not the low-rank one
+        add_adapter(model, "a", config[0])
+        model.proj._low_rank_adapter = lambda: None
     elif config is not None:
         add_adapter(model, "a", config)
     return model
@@ -71,9 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     for row in rows:
         print(f"{row['variant']:32s} {row['median_ms']:10.2f} {row['ratio_to_plain']:8.3f} {row['trainable_params']:10,d}")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"in_features": d, "tokens": args.tokens, "repeats": args.repeats,
-                                        "threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        atomic_write_text(args.out, json.dumps({"in_features": d, "tokens": args.tokens, "repeats": args.repeats,
+                                                "threads": torch.get_num_threads(), "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

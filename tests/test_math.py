@@ -223,3 +223,173 @@ def test_strength_meaning_differs_by_method_and_the_sweep_avoids_singular_ether_
     for s in SWEEP_STRENGTHS["etherplus"]:
         if s < 1:
             assert torch.linalg.svdvals(reference_H(u, v, 1, "etherplus", s)).min() > 1e-3, s
+
+
+# -- the training fast path (fused.py): the adapter as a low-rank update in one autograd function -------------
+
+GRAD_CASES = list(itertools.product(["ether", "etherplus"], ["input", "output", "both"], [1, 4], [1.0, 0.6]))
+WIDE_IN, WIDE_OUT = 256, 160  # wide enough that ETHER+ n = 4 on both sides (rank 16) takes the low-rank path
+
+
+def _wide_layer(method, sides, n, strength, bias=True, dtype=torch.float64, d_out=WIDE_OUT):
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(WIDE_IN, d_out, bias=bias))
+    add_adapter(model, "a", AdapterConfig(method=method, n_blocks=n, sides=sides, targets="proj"))
+    with torch.no_grad():
+        for p in model.proj.ether_adapters["a"].vectors.values():
+            p.copy_(torch.randn_like(p))
+    model.to(dtype)
+    model.proj.set_active({"a": strength})
+    return model, model.proj
+
+
+@pytest.mark.parametrize("method,sides,n,strength", GRAD_CASES)
+@pytest.mark.parametrize("OUT_DIM", [16, 24], ids=["wide-to-narrow", "square"])
+def test_low_rank_gradients_pass_gradcheck(method, sides, n, strength, OUT_DIM):
+    """Analytic gradients of the low-rank function against finite differences, for input and every vector
+    (a square layer normalises both sides' vectors together, so both shapes are checked)."""
+    from ether_diffusion.ether import METHOD_SPECS
+    from ether_diffusion.fused import low_rank_linear
+
+    torch.manual_seed(0)
+    base = nn.Linear(24, OUT_DIM).double().requires_grad_(False)
+    spec = METHOD_SPECS[method]
+    kinds = 1 + spec.has_v
+    vectors_in = [torch.randn(24, dtype=torch.float64, requires_grad=True) for _ in range(kinds)] \
+        if sides != "output" else []
+    vectors_out = [torch.randn(OUT_DIM, dtype=torch.float64, requires_grad=True) for _ in range(kinds)] \
+        if sides != "input" else []
+
+    def run(x, *vecs):
+        return low_rank_linear(x, base, spec, strength, n, list(vecs[:len(vectors_in)]), list(vecs[len(vectors_in):]))
+
+    x = torch.randn(2, 3, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(run, (x, *vectors_in, *vectors_out))
+
+
+@pytest.mark.parametrize("method,sides,n,strength", GRAD_CASES)
+@pytest.mark.parametrize("d_out", [WIDE_OUT, WIDE_IN])
+def test_low_rank_training_path_matches_dense_reference_gradients(method, sides, n, strength, d_out):
+    """The layer as training runs it (the low-rank function) against autograd through the dense fp64 H matrices."""
+    model, layer = _wide_layer(method, sides, n, strength, bias=(n == 1), d_out=d_out)
+    x = torch.randn(4, 7, WIDE_IN, dtype=torch.float64, requires_grad=True)
+    out = model(x)
+    assert type(out.grad_fn).__name__ == "ViewBackward0"
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"  # the fast path really ran
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad(out, [x, *layer.ether_adapters["a"].vectors.values()], upstream)
+
+    vectors = {k: v.detach().clone().requires_grad_(True) for k, v in layer.ether_adapters["a"].vectors.items()}
+    W = layer.base.weight.double()
+    if "u_input" in vectors:
+        W = W @ reference_H(vectors["u_input"], vectors.get("v_input"), n, method, strength)
+    if "u_output" in vectors:
+        W = reference_H(vectors["u_output"], vectors.get("v_output"), n, method, strength) @ W
+    x_ref = x.detach().clone().requires_grad_(True)
+    ref = x_ref @ W.T + (layer.base.bias if layer.base.bias is not None else 0)
+    torch.testing.assert_close(out, ref)
+    want = torch.autograd.grad(ref, [x_ref, *vectors.values()], upstream)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_routed_batch_gradients_pass_gradcheck():
+    """Per-sample routing with per-sample strengths (the general path) keeps exact gradients for the input and the
+    vectors of both routed adapters."""
+    from torch.func import functional_call
+
+    from ether_diffusion import route_adapters
+
+    model, layer = _wide_layer("etherplus", "both", 4, 1.0)
+    add_adapter(model, "b", AdapterConfig(method="etherplus", n_blocks=4, targets="proj"))
+    model.double()
+    torch.manual_seed(1)
+    names = ["proj.ether_adapters.a.u_input", "proj.ether_adapters.a.v_output", "proj.ether_adapters.b.u_output"]
+    leaves = [torch.randn_like(model.get_parameter(name)).requires_grad_(True) for name in names]
+    x = torch.randn(3, 2, WIDE_IN, dtype=torch.float64, requires_grad=True)
+
+    def run(x, *vecs):
+        with route_adapters(model, ["a", None, "b"], strengths=[0.5, 1.0, 0.8]):
+            return functional_call(model, dict(zip(names, vecs)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *leaves))
+
+
+def test_low_rank_path_keeps_no_output_sized_tensor_for_backward():
+    """ETHER+ on both sides saves the layer input and thin (tokens × 2n) products, not the (tokens × out) output
+    that the general path keeps for the output-side vectors (the test fails on that path)."""
+    from ether_diffusion.layers import EtherLayer
+
+    tokens, d_in, d_out = 64, 32, 96
+    model = nn.Sequential()
+    model.add_module("proj", nn.Linear(d_in, d_out))
+    model.requires_grad_(False)
+    add_adapter(model, "a", AdapterConfig(method="etherplus", sides="both", targets="proj"))
+    x = torch.randn(tokens, d_in, requires_grad=True)
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
+    def saved_sizes() -> list[int]:  # tensors kept for backward, other than the weights themselves
+        sizes = []
+
+        def keep(t):
+            if t.untyped_storage().data_ptr() not in weights:
+                sizes.append(t.numel())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            model(x).sum().backward()
+        return sizes
+
+    assert max(saved_sizes()) <= tokens * d_in
+    fast = EtherLayer._low_rank_adapter
+    try:
+        EtherLayer._low_rank_adapter = lambda self: None
+        assert max(saved_sizes()) >= tokens * d_out
+    finally:
+        EtherLayer._low_rank_adapter = fast
+
+
+def test_low_rank_path_in_bf16_keeps_fp32_vector_gradients():
+    model, layer = _wide_layer("etherplus", "both", 4, 1.0, dtype=torch.float32)
+    model.to(torch.bfloat16)
+    x = torch.randn(5, WIDE_IN, dtype=torch.bfloat16, requires_grad=True)
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"
+    out.float().square().sum().backward()
+    grads = [p.grad for p in layer.ether_adapters["a"].parameters()]
+    assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
+    assert x.grad.dtype == torch.bfloat16
+
+
+def test_low_rank_path_under_autocast_matches_the_general_path():
+    """Mixed-precision training (fp32 weights, bf16 autocast, as accelerate runs it): same output and gradients
+    as the applied transforms, within bf16 precision, and fp32 gradients for the fp32 vectors."""
+    from ether_diffusion.layers import EtherLayer
+
+    model, layer = _wide_layer("etherplus", "both", 4, 1.0, dtype=torch.float32)
+    vectors = list(layer.ether_adapters["a"].parameters())
+    x = torch.randn(6, WIDE_IN, requires_grad=True)
+
+    def run():
+        for p in [*vectors, x]:
+            p.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        out.float().square().sum().backward()
+        return out, [p.grad for p in vectors] + [x.grad]
+
+    fast_out, fast_grads = run()
+    assert fast_out.dtype == torch.bfloat16
+    assert type(fast_out.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"
+    assert all(g.dtype == torch.float32 for g in fast_grads)
+    fast = EtherLayer._low_rank_adapter
+    try:
+        EtherLayer._low_rank_adapter = lambda self: None
+        general_out, general_grads = run()
+    finally:
+        EtherLayer._low_rank_adapter = fast
+    for got, want in zip([fast_out, *fast_grads], [general_out, *general_grads]):
+        assert (got.float() - want.float()).norm() <= 0.05 * want.float().norm()
