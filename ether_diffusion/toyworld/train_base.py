@@ -121,6 +121,26 @@ def transfer_text_encoder(old, old_tokenizer, new, new_tokenizer) -> int:
     return fresh
 
 
+@torch.no_grad()
+def grow_unet(unet, state: dict) -> list[str]:
+    """Load a smaller UNet's weights into one with attention blocks the smaller one lacks, as an identity.
+
+    Every tensor of `state` must fit; the UNet's own tensors missing from it may only belong to attention blocks,
+    whose output projections are zeroed, so the grown UNet computes exactly what the smaller one did and training
+    continues from there. Returns the names of the new blocks.
+    """
+    missing, unexpected = unet.load_state_dict(state, strict=False)
+    blocks = sorted({key.split(".transformer_blocks.")[0].rsplit(".proj_", 1)[0].rsplit(".norm", 1)[0]
+                     for key in missing})
+    strays = [key for key in missing if ".attentions." not in key]
+    if unexpected or strays:
+        raise ValueError(f"cannot grow this UNet: unexpected {unexpected[:3]}, missing outside attention {strays[:3]}")
+    for name in blocks:
+        unet.get_submodule(name).proj_out.weight.zero_()
+        unet.get_submodule(name).proj_out.bias.zero_()
+    return blocks
+
+
 def unet_lr(peak: float, step: int, total: int) -> float:
     """Warm-up over 200 steps, constant, then a cosine down to 10% over the last 30% of the steps.
 
@@ -191,9 +211,9 @@ def main(argv: list[str] | None = None) -> None:
     unet = UNet2DConditionModel(**unet_config())
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
     if init is not None:
-        unet.load_state_dict(init.unet.state_dict())
+        grown = grow_unet(unet, init.unet.state_dict())
         fresh = transfer_text_encoder(init.text_encoder, init.tokenizer, text_encoder, tokenizer)
-        log({"stage": "init", "from": str(args.init_from), "new_tokens": fresh})
+        log({"stage": "init", "from": str(args.init_from), "new_tokens": fresh, "new_attention_blocks": grown})
         del init
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
