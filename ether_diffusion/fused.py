@@ -10,9 +10,9 @@ The layer then trains like a LoRA of rank m: the base layer's own call on the ra
 (tokens × m), one back, and the function keeps only the input (which the layer before keeps anyway) and the
 (tokens × m) projections. Applying the transforms instead passes over the activations three times per side and
 keeps the layer output for the output-side vectors' gradients. Building A and L, and carrying their gradients
-back to the vectors, takes products of W with the m columns: as much work as m extra tokens. One autograd
-function does it all, because on small layers the number of recorded operations, not the arithmetic, sets the
-step time.
+back to the vectors, takes products of W with the m columns (`low_rank_pays` says when that is worth it). One
+autograd function does it all, because on small layers the number of recorded operations, not the arithmetic,
+sets the step time.
 """
 
 from __future__ import annotations
@@ -25,12 +25,36 @@ import torch
 from .ether import NORM_EPS, MethodSpec
 
 MAX_RANK_SHARE = 8  # the update's rank m must stay ≤ min(d_in, d_out) / 8, or the applied transforms are cheaper
+SMALL_WEIGHT = 256 * 256  # below this, per-operation overhead, not arithmetic, sets a layer's cost
+
+
+def low_rank_pays(rank: int, tokens: int, d_in: int, d_out: int) -> bool:
+    """Whether training as a low-rank update beats applying the transforms to the activations.
+
+    Both make about the same thin passes over the activations. The low-rank form needs fewer operations and
+    does not keep the layer output, but builds A and L (and their gradients) from four products with W, each
+    reading the whole weight. On small weights the fewer operations win whatever the token count; on large
+    ones the products must be repaid by enough tokens (batch × positions): at least a quarter of the layer's
+    narrower width (SD-1.5 at 512 px, batch 1: the 64×64 and 32×32 levels, not the 16×16 and 8×8 ones or the
+    77-token text keys and values).
+    """
+    if rank * MAX_RANK_SHARE > min(d_in, d_out):
+        return False
+    return d_in * d_out <= SMALL_WEIGHT or 4 * tokens >= min(d_in, d_out)
+
+
+def column_coefficients(a: float, b: float, strength: float, n: int, kinds: int, dtype: torch.dtype,
+                        device: torch.device) -> torch.Tensor:
+    """c as a (m,) tensor: −a·s for the n û columns, +b·s for the n v̂ columns; made once per setting in eager
+    mode (no host-to-device copy per call), and as a graph constant under `torch.compile`."""
+    if torch.compiler.is_compiling():
+        return _column_coefficients.__wrapped__(a, b, strength, n, kinds, dtype, device)
+    return _column_coefficients(a, b, strength, n, kinds, dtype, device)
 
 
 @lru_cache(maxsize=64)
-def column_coefficients(a: float, b: float, strength: float, n: int, kinds: int, dtype: torch.dtype,
-                        device: torch.device) -> torch.Tensor:
-    """c as a (m,) tensor: −a·s for the n û columns, +b·s for the n v̂ columns; made once per setting."""
+def _column_coefficients(a: float, b: float, strength: float, n: int, kinds: int, dtype: torch.dtype,
+                         device: torch.device) -> torch.Tensor:
     values = [-a * strength] * n + [b * strength] * n * (kinds - 1)
     return torch.tensor(values, dtype=dtype, device=device)
 

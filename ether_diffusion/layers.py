@@ -13,7 +13,7 @@ from torch import nn
 
 from .ether import METHOD_SPECS, MethodSpec, apply_transform, check_method, default_sides, transform_weight, unit_blocks
 from .errors import EtherError
-from .fused import MAX_RANK_SHARE, low_rank_linear
+from .fused import low_rank_linear, low_rank_pays
 
 
 @dataclass(frozen=True)
@@ -249,12 +249,13 @@ class EtherLayer(nn.Module):
         bias = bias.to(y.dtype)
         return bias.view(-1, 1, 1) if self.is_conv else bias
 
-    def _low_rank_adapter(self) -> tuple[EtherAdapter, float] | None:
+    def _low_rank_adapter(self, tokens: int) -> tuple[EtherAdapter, float] | None:
         """The adapter and strength to train as a low-rank update (`fused.py`), or None for the general path.
 
-        It applies to training one adapter on a plain Linear whose weight and vectors are at hand, when the
-        update's rank is small next to the layer; routing, several adapters, convs, quantised or offloaded
-        weights, a trainable base and large block counts take the general path.
+        It applies to training one adapter on a plain Linear whose weight and vectors are at hand, when it pays:
+        the update's rank is small next to the layer and there are enough tokens (`fused.low_rank_pays`).
+        Routing, several adapters, convs, quantised or offloaded weights and a trainable base take the general
+        path.
         """
         if not torch.is_grad_enabled() or self.routing is not None or type(self.base) is not nn.Linear:
             return None
@@ -265,7 +266,7 @@ class EtherLayer(nn.Module):
         adapter = self.ether_adapters[active[0]]
         config, vectors = adapter.config, adapter.vectors.values()
         rank = config.n_blocks * (1 + config.spec.has_v) * len(config.side_list)
-        if rank * MAX_RANK_SHARE > min(self.in_features, self.out_features) or any(v.is_meta for v in vectors) \
+        if not low_rank_pays(rank, tokens, self.in_features, self.out_features) or any(v.is_meta for v in vectors) \
                 or not any(v.requires_grad for v in vectors):
             return None
         return adapter, self.active[active[0]]
@@ -275,7 +276,7 @@ class EtherLayer(nn.Module):
             return self.base(x)  # strength-0 adapters cost nothing and leave the base output bit for bit
         if self.routing is not None and x.shape[0] != len(self.routing[0]):
             raise EtherError(f"routing names {len(self.routing[0])} samples but the batch has {x.shape[0]}")
-        low_rank = self._low_rank_adapter()
+        low_rank = self._low_rank_adapter(x.numel() // max(x.shape[-1], 1))
         if low_rank is not None:
             (adapter, strength), vectors = low_rank, low_rank[0].vectors
             sides = ([vectors[f"{kind}_{side}"] for kind in ("u", "v") if f"{kind}_{side}" in vectors]

@@ -231,10 +231,10 @@ GRAD_CASES = list(itertools.product(["ether", "etherplus"], ["input", "output", 
 WIDE_IN, WIDE_OUT = 256, 160  # wide enough that ETHER+ n = 4 on both sides (rank 16) takes the low-rank path
 
 
-def _wide_layer(method, sides, n, strength, bias=True, dtype=torch.float64, d_out=WIDE_OUT):
+def _wide_layer(method, sides, n, strength, bias=True, dtype=torch.float64, d_out=WIDE_OUT, d_in=WIDE_IN):
     torch.manual_seed(0)
     model = nn.Sequential()
-    model.add_module("proj", nn.Linear(WIDE_IN, d_out, bias=bias))
+    model.add_module("proj", nn.Linear(d_in, d_out, bias=bias))
     add_adapter(model, "a", AdapterConfig(method=method, n_blocks=n, sides=sides, targets="proj"))
     with torch.no_grad():
         for p in model.proj.ether_adapters["a"].vectors.values():
@@ -273,7 +273,7 @@ def test_low_rank_gradients_pass_gradcheck(method, sides, n, strength, OUT_DIM):
 def test_low_rank_training_path_matches_dense_reference_gradients(method, sides, n, strength, d_out):
     """The layer as training runs it (the low-rank function) against autograd through the dense fp64 H matrices."""
     model, layer = _wide_layer(method, sides, n, strength, bias=(n == 1), d_out=d_out)
-    x = torch.randn(4, 7, WIDE_IN, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(4, 40, WIDE_IN, dtype=torch.float64, requires_grad=True)
     out = model(x)
     assert type(out.grad_fn).__name__ == "ViewBackward0"
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"  # the fast path really ran
@@ -292,6 +292,21 @@ def test_low_rank_training_path_matches_dense_reference_gradients(method, sides,
     want = torch.autograd.grad(ref, [x_ref, *vectors.values()], upstream)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w)
+
+
+def test_few_tokens_take_the_applied_transforms_with_the_same_gradients():
+    """With few tokens for the layer's size, building A and L would cost more than it saves: the layer applies
+    the transforms instead, and both paths give the same output and gradients."""
+    model, layer = _wide_layer("etherplus", "both", 1, 0.8, d_in=512, d_out=384)
+    vectors = list(layer.ether_adapters["a"].parameters())
+    x = torch.randn(200, 512, dtype=torch.float64)
+    many, few = model(x), model(x[:4])
+    assert type(many.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"
+    assert "LowRank" not in type(few.grad_fn).__name__ + type(few.grad_fn.next_functions[0][0]).__name__
+    torch.testing.assert_close(many[:4], few)
+    for g_many, g_few in zip(torch.autograd.grad(many[:4].square().sum(), vectors),
+                             torch.autograd.grad(few.square().sum(), vectors)):
+        torch.testing.assert_close(g_many, g_few)
 
 
 def test_routed_batch_gradients_pass_gradcheck():
@@ -345,7 +360,7 @@ def test_low_rank_path_keeps_no_output_sized_tensor_for_backward():
     assert max(saved_sizes()) <= tokens * d_in
     fast = EtherLayer._low_rank_adapter
     try:
-        EtherLayer._low_rank_adapter = lambda self: None
+        EtherLayer._low_rank_adapter = lambda self, tokens: None
         assert max(saved_sizes()) >= tokens * d_out
     finally:
         EtherLayer._low_rank_adapter = fast
@@ -354,7 +369,7 @@ def test_low_rank_path_keeps_no_output_sized_tensor_for_backward():
 def test_low_rank_path_in_bf16_keeps_fp32_vector_gradients():
     model, layer = _wide_layer("etherplus", "both", 4, 1.0, dtype=torch.float32)
     model.to(torch.bfloat16)
-    x = torch.randn(5, WIDE_IN, dtype=torch.bfloat16, requires_grad=True)
+    x = torch.randn(160, WIDE_IN, dtype=torch.bfloat16, requires_grad=True)
     out = model(x)
     assert out.dtype == torch.bfloat16
     assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"
@@ -371,7 +386,7 @@ def test_low_rank_path_under_autocast_matches_the_general_path():
 
     model, layer = _wide_layer("etherplus", "both", 4, 1.0, dtype=torch.float32)
     vectors = list(layer.ether_adapters["a"].parameters())
-    x = torch.randn(6, WIDE_IN, requires_grad=True)
+    x = torch.randn(160, WIDE_IN, requires_grad=True)
 
     def run():
         for p in [*vectors, x]:
@@ -387,7 +402,7 @@ def test_low_rank_path_under_autocast_matches_the_general_path():
     assert all(g.dtype == torch.float32 for g in fast_grads)
     fast = EtherLayer._low_rank_adapter
     try:
-        EtherLayer._low_rank_adapter = lambda self: None
+        EtherLayer._low_rank_adapter = lambda self, tokens: None
         general_out, general_grads = run()
     finally:
         EtherLayer._low_rank_adapter = fast
