@@ -102,7 +102,7 @@ def attach(unet, method: str) -> None:
 
             for layer in unet.modules():
                 if isinstance(layer, EtherLayer):
-                    layer._low_rank_adapter = lambda tokens: None
+                    layer._low_rank_plan = lambda tokens: None
         return
     if method == "backward-floor":  # one bias at the bottom: the full backward pass, (almost) no parameter work
         unet.conv_in.bias.requires_grad_(True)

@@ -47,7 +47,7 @@ def build(config: AdapterConfig | tuple | str | None, d: int) -> nn.Module:
         add_peft(model, "lora-r4", "proj")
     elif isinstance(config, tuple):  # the applied transforms: the layer's general path, not the low-rank one
         add_adapter(model, "a", config[0])
-        model.proj._low_rank_adapter = lambda tokens: None
+        model.proj._low_rank_plan = lambda tokens: None
     elif config is not None:
         add_adapter(model, "a", config)
     return model

@@ -66,8 +66,14 @@ def unit_blocks(vector: torch.Tensor, n_blocks: int) -> torch.Tensor:
     A zero block stays zero (its transform is then the identity), which is what per-sample routing uses for
     samples that take no adapter.
     """
+    return unit_blocks_and_norms(vector, n_blocks)[0]
+
+
+def unit_blocks_and_norms(vector: torch.Tensor, n_blocks: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`unit_blocks` and the blocks' norms (..., n, 1), which a hand-written backward pass needs."""
     v = vector.to(torch.promote_types(vector.dtype, torch.float32)).unflatten(-1, (n_blocks, vector.shape[-1] // n_blocks))
-    return v / v.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    norms = v.norm(dim=-1, keepdim=True).clamp_min(NORM_EPS)
+    return v / norms, norms
 
 
 def apply_transform(

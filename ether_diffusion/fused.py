@@ -22,7 +22,7 @@ from functools import lru_cache
 
 import torch
 
-from .ether import NORM_EPS, MethodSpec
+from .ether import MethodSpec, unit_blocks_and_norms
 
 MAX_RANK_SHARE = 8  # the update's rank m must stay ≤ min(d_in, d_out) / 8, or the applied transforms are cheaper
 SMALL_WEIGHT = 256 * 256  # below this, per-operation overhead, not arithmetic, sets a layer's cost
@@ -62,11 +62,7 @@ def _column_coefficients(a: float, b: float, strength: float, n: int, kinds: int
 def unit_columns(vectors: tuple, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """One side's raw vectors (d,) → (unit blocks (kinds, n, k) and their norms (kinds, n, 1), in fp32 or wider;
     B (d, kinds·n) in `dtype`: column l of kind κ holds that vector's unit block l in the rows of block l)."""
-    blocks = torch.stack(vectors).unflatten(-1, (n, -1))
-    if blocks.dtype not in (torch.float32, torch.float64):
-        blocks = blocks.float()
-    norms = torch.linalg.vector_norm(blocks, dim=-1, keepdim=True).clamp_min_(NORM_EPS)
-    unit = blocks / norms
+    unit, norms = unit_blocks_and_norms(torch.stack(vectors), n)
     kinds, n, k = unit.shape
     if n == 1:
         columns = unit.view(kinds, k).t()

@@ -249,8 +249,10 @@ class EtherLayer(nn.Module):
         bias = bias.to(y.dtype)
         return bias.view(-1, 1, 1) if self.is_conv else bias
 
-    def _low_rank_adapter(self, tokens: int) -> tuple[EtherAdapter, float] | None:
-        """The adapter and strength to train as a low-rank update (`fused.py`), or None for the general path.
+    def _low_rank_plan(self, tokens: int) -> tuple | None:
+        """`low_rank_linear`'s arguments after x and the base (spec, strength, n_blocks, input-side vectors,
+        output-side vectors) to train the one active adapter as a low-rank update (`fused.py`), or None for the
+        general path.
 
         It applies to training one adapter on a plain Linear whose weight and vectors are at hand, when it pays:
         the update's rank is small next to the layer and there are enough tokens (`fused.low_rank_pays`).
@@ -264,24 +266,23 @@ class EtherLayer(nn.Module):
         if len(active) != 1 or weight.requires_grad or weight.is_meta or (bias is not None and bias.requires_grad):
             return None
         adapter = self.ether_adapters[active[0]]
-        config, vectors = adapter.config, adapter.vectors.values()
+        config, vectors = adapter.config, adapter.vectors
         rank = config.n_blocks * (1 + config.spec.has_v) * len(config.side_list)
-        if not low_rank_pays(rank, tokens, self.in_features, self.out_features) or any(v.is_meta for v in vectors) \
-                or not any(v.requires_grad for v in vectors):
+        if not low_rank_pays(rank, tokens, self.in_features, self.out_features) \
+                or any(v.is_meta for v in vectors.values()) or not any(v.requires_grad for v in vectors.values()):
             return None
-        return adapter, self.active[active[0]]
+        sides = ([vectors[f"{kind}_{side}"] for kind in ("u", "v") if f"{kind}_{side}" in vectors]
+                 for side in ("input", "output"))
+        return config.spec, self.active[active[0]], config.n_blocks, *sides
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled or self.merged or (not any(self.active.values()) and self.routing is None):
             return self.base(x)  # strength-0 adapters cost nothing and leave the base output bit for bit
         if self.routing is not None and x.shape[0] != len(self.routing[0]):
             raise EtherError(f"routing names {len(self.routing[0])} samples but the batch has {x.shape[0]}")
-        low_rank = self._low_rank_adapter(x.numel() // max(x.shape[-1], 1))
+        low_rank = self._low_rank_plan(x.numel() // max(x.shape[-1], 1))
         if low_rank is not None:
-            (adapter, strength), vectors = low_rank, low_rank[0].vectors
-            sides = ([vectors[f"{kind}_{side}"] for kind in ("u", "v") if f"{kind}_{side}" in vectors]
-                     for side in ("input", "output"))
-            return low_rank_linear(x, self.base, adapter.config.spec, strength, adapter.config.n_blocks, *sides)
+            return low_rank_linear(x, self.base, *low_rank)
         plan_in, plan_out = self._planned()
         y = self.base(self._channels_last(x, plan_in))
         if not plan_out:

@@ -16,6 +16,7 @@ import copy
 import math
 import json
 import random
+import re
 import sys
 import time
 from pathlib import Path
@@ -130,8 +131,7 @@ def grow_unet(unet, state: dict) -> list[str]:
     continues from there. Returns the names of the new blocks.
     """
     missing, unexpected = unet.load_state_dict(state, strict=False)
-    blocks = sorted({key.split(".transformer_blocks.")[0].rsplit(".proj_", 1)[0].rsplit(".norm", 1)[0]
-                     for key in missing})
+    blocks = sorted({re.match(r"(.*?\.attentions\.\d+)\.", key)[1] for key in missing if ".attentions." in key})
     strays = [key for key in missing if ".attentions." not in key]
     if unexpected or strays:
         raise ValueError(f"cannot grow this UNet: unexpected {unexpected[:3]}, missing outside attention {strays[:3]}")
