@@ -30,6 +30,7 @@ import torch
 from peft_methods import add_peft
 
 from ether_diffusion.atomic import atomic_write_text
+from ether_diffusion.train.common import adamw
 
 METHODS = ["backward-floor", "ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1",
            "full-attn"]
@@ -165,7 +166,7 @@ def worker(args) -> dict:
     forward = lambda: unet(x, t, ctx).sample  # noqa: E731
     attach(unet, args.method)
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = adamw(params, lr=1e-4)  # what the trainers use
 
     def step():
         loss = forward().float().square().mean()

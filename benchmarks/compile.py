@@ -21,6 +21,7 @@ import torch
 from adapters import build_unet, timed
 
 from ether_diffusion.atomic import atomic_write_text
+from ether_diffusion.train.common import adamw
 
 METHODS = {"ether-n1": ("ether", "input"), "etherplus-n1": ("etherplus", "both")}
 
@@ -43,7 +44,7 @@ def measure(args, method: str) -> dict:
     torch._dynamo.reset()
 
     params = [p for p in unet.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = adamw(params, lr=1e-4)  # what the trainers use
 
     def step_with(model):
         def step():

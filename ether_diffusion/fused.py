@@ -28,7 +28,7 @@ MAX_RANK_SHARE = 8  # the update's rank m must stay ≤ min(d_in, d_out) / 8, or
 SMALL_WEIGHT = 256 * 256  # below this, per-operation overhead, not arithmetic, sets a layer's cost
 
 
-def low_rank_pays(rank: int, tokens: int, d_in: int, d_out: int) -> bool:
+def low_rank_pays(rank: int, tokens: int | None, d_in: int, d_out: int) -> bool:
     """Whether training as a low-rank update beats applying the transforms to the activations.
 
     Both make about the same thin passes over the activations. The low-rank form needs fewer operations and
@@ -40,123 +40,181 @@ def low_rank_pays(rank: int, tokens: int, d_in: int, d_out: int) -> bool:
     """
     if rank * MAX_RANK_SHARE > min(d_in, d_out):
         return False
-    return d_in * d_out <= SMALL_WEIGHT or 4 * tokens >= min(d_in, d_out)
+    return d_in * d_out <= SMALL_WEIGHT or (tokens is not None and 4 * tokens >= min(d_in, d_out))
 
 
-def column_coefficients(a: float, b: float, strength: float, n: int, kinds: int, dtype: torch.dtype,
+def column_coefficients(a: float, b: float, strength: float, n: int, kinds: int, sides: int, dtype: torch.dtype,
                         device: torch.device) -> torch.Tensor:
-    """c as a (m,) tensor: −a·s for the n û columns, +b·s for the n v̂ columns; made once per setting in eager
-    mode (no host-to-device copy per call), and as a graph constant under `torch.compile`."""
+    """c as a (m,) tensor, per side: −a·s for the n û columns, +b·s for the n v̂ columns; made once per setting
+    in eager mode (no host-to-device copy per call), and as a graph constant under `torch.compile`."""
     if torch.compiler.is_compiling():
-        return _column_coefficients.__wrapped__(a, b, strength, n, kinds, dtype, device)
-    return _column_coefficients(a, b, strength, n, kinds, dtype, device)
+        return _column_coefficients.__wrapped__(a, b, strength, n, kinds, sides, dtype, device)
+    return _column_coefficients(a, b, strength, n, kinds, sides, dtype, device)
 
 
 @lru_cache(maxsize=64)
-def _column_coefficients(a: float, b: float, strength: float, n: int, kinds: int, dtype: torch.dtype,
+def _column_coefficients(a: float, b: float, strength: float, n: int, kinds: int, sides: int, dtype: torch.dtype,
                          device: torch.device) -> torch.Tensor:
-    values = [-a * strength] * n + [b * strength] * n * (kinds - 1)
+    values = ([-a * strength] * n + [b * strength] * n * (kinds - 1)) * sides
     return torch.tensor(values, dtype=dtype, device=device)
 
 
-def unit_columns(vectors: tuple, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One side's raw vectors (d,) → (unit blocks (kinds, n, k) and their norms (kinds, n, 1), in fp32 or wider;
-    B (d, kinds·n) in `dtype`: column l of kind κ holds that vector's unit block l in the rows of block l)."""
-    unit, norms = unit_blocks_and_norms(torch.stack(vectors), n)
-    kinds, n, k = unit.shape
+def unit_columns(stack: torch.Tensor, n: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Raw vectors (G, K, d) → unit blocks (G, K, n, k) and their norms (G, K, n, 1), in fp32 or wider, and
+    B (G, d, K·n) in `dtype`: column κ·n + l holds vector κ's unit block l in the rows of block l."""
+    unit, norms = unit_blocks_and_norms(stack, n)
+    g, kinds, n, k = unit.shape
     if n == 1:
-        columns = unit.view(kinds, k).t()
+        columns = unit.view(g, kinds, k).transpose(1, 2)
     else:
         eye = torch.eye(n, dtype=unit.dtype, device=unit.device)
-        columns = (unit[..., None] * eye[None, :, None, :]).permute(1, 2, 0, 3).reshape(n * k, kinds * n)
+        columns = (unit[..., None] * eye[:, None, :]).permute(0, 2, 3, 1, 4).reshape(g, n * k, kinds * n)
     return unit, norms, columns if columns.dtype == dtype else columns.to(dtype)
 
 
-def raw_gradients(grad_columns: torch.Tensor, unit: torch.Tensor, norms: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """dL/dB (d, m) → dL/d(raw vector) (d,) per kind: each block's entries of B, then back through the norm."""
-    kinds, n, k = unit.shape
+def raw_gradients(grad_columns: torch.Tensor, unit: torch.Tensor, norms: torch.Tensor) -> torch.Tensor:
+    """dL/dB (G, d, m) → dL/d(raw vectors) (G, K, d): each block's entries of B, then back through the norm."""
+    g, kinds, n, k = unit.shape
     if n == 1:
-        grad_unit = grad_columns.t().reshape(kinds, 1, k)
+        grad_unit = grad_columns.transpose(1, 2).reshape(g, kinds, 1, k)
     else:
-        grad_unit = grad_columns.reshape(n, k, kinds, n).diagonal(dim1=0, dim2=3).permute(1, 2, 0)
+        grad_unit = grad_columns.reshape(g, n, k, kinds, n).diagonal(dim1=1, dim2=4).permute(0, 2, 3, 1)
     grad_unit = grad_unit.to(unit.dtype)
     radial = (grad_unit * unit).sum(-1, keepdim=True)
-    return torch.addcmul(grad_unit, unit, radial, value=-1).div_(norms).view(kinds, n * k).unbind(0)
+    return torch.addcmul(grad_unit, unit, radial, value=-1).div_(norms).view(g, kinds, n * k)
 
 
-def low_rank_factors(w: torch.Tensor, c_in: torch.Tensor | None, c_out: torch.Tensor | None, n: int, n_in: int,
-                     raw: tuple) -> tuple:
-    """A, L (W' − W = L Aᵀ) in W's dtype, with what their gradients need: W B_in, B_in, B_out and the unit
-    blocks and norms (one pair for both sides of a square layer, whose vectors are normalised together)."""
-    if c_in is not None and c_out is not None and w.shape[0] == w.shape[1]:
-        unit, norms, columns = unit_columns(raw, n, w.dtype)  # fewer (not smaller) operations
-        b_in, b_out, units = columns[:, :n_in * n], columns[:, n_in * n:], (unit, norms, None, None)
-    else:
-        side_in = unit_columns(raw[:n_in], n, w.dtype) if c_in is not None else (None,) * 3
-        side_out = unit_columns(raw[n_in:], n, w.dtype) if c_out is not None else (None,) * 3
-        b_in, b_out, units = side_in[2], side_out[2], (*side_in[:2], *side_out[:2])
-    w_b = w @ b_in if b_in is not None else None
-    if b_out is None:
-        return b_in, w_b * c_in, w_b, b_in, b_out, units
-    if b_in is None:
-        return w.t() @ b_out, b_out * c_out, w_b, b_in, b_out, units
-    h_w_b = torch.addmm(w_b, b_out, (b_out.t() @ w_b) * c_out[:, None])  # H_out W B_in
-    a = torch.cat([b_in, w.t() @ b_out], dim=1)
-    return a, torch.cat([h_w_b * c_in, b_out * c_out], dim=1), w_b, b_in, b_out, units
+def full_precision(device: torch.device):
+    """Autocast off where it is on: the factors are built, and their gradients carried back, in W's dtype."""
+    on = torch.is_autocast_enabled(device.type)
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
 
 
-class _LowRankEther(torch.autograd.Function):
-    """out = base(x) + (x A) Lᵀ for 2-D x (tokens × features), A and L built from the vectors as above.
+class _LowRankFactors(torch.autograd.Function):
+    """A (G, d_in, m) and L (G, d_out, m), W' − W = L Aᵀ, for G layers of one shape and setting at once.
 
-    After the fixed inputs come the raw vectors (u, then v for ETHER+) of the input side, `n_in` of them, then
-    those of the output side; `c_in` / `c_out` are the sides' column coefficients (None: no such side).
+    Inputs: the G weights (a list: stacked into W (G, d_out, d_in) for the forward and again for the backward,
+    so the copy is never kept in between, where activation memory peaks); the coefficients c of all columns (input side first); n; the number
+    of input-side columns m_in (0: no input side; m_in = m: no output side); then the raw vectors as stacks
+    (G, K, d): one for both sides of a square layer (normalised together: fewer operations), else one per side.
+    With B_in = P, B_out = Q, their columns scaled by c as Pc, Qc, and V = W Pc:
+        A = [P | Wᵀ Q],   L = [V + Qc (Qᵀ V) | Qc]     (V + Qc Qᵀ V = H_out W B_in D_in).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, base, c_in, c_out, n, n_in, *raw):
+    def forward(ctx, weights, coefs, n, m_in, *stacks):
+        with full_precision(coefs.device):
+            return _LowRankFactors._build(ctx, weights, coefs, n, m_in, stacks)
+
+    @staticmethod
+    def _build(ctx, weights, coefs, n, m_in, stacks):
+        w = stacked(weights)
+        sides = [unit_columns(stack, n, w.dtype) for stack in stacks]
+        if len(sides) == 1:  # one side, or both sides of a square layer
+            columns = sides[0][2]
+            scaled = columns * coefs
+            p, q, pc, qc = columns[..., :m_in], columns[..., m_in:], scaled[..., :m_in], scaled[..., m_in:]
+        else:
+            p, q = sides[0][2], sides[1][2]
+            pc, qc = p * coefs[:m_in], q * coefs[m_in:]
+        w_t = w.transpose(1, 2)
+        v = w @ pc if m_in else None
+        if not q.shape[-1]:
+            a, l = p, v
+        elif not m_in:
+            a, l = w_t @ q, qc
+        else:
+            a = torch.cat([p, w_t @ q], dim=2)
+            l = torch.cat([torch.baddbmm(v, qc, q.transpose(1, 2) @ v), qc], dim=2)
+        ctx.weights, ctx.n_sides, ctx.m_in = weights, len(sides), m_in
+        ctx.save_for_backward(coefs, p, q, qc, v, *(t for side in sides for t in side[:2]))
+        return a, l
+
+    @staticmethod
+    def backward(ctx, grad_a, grad_l):
+        with full_precision(grad_a.device):
+            return _LowRankFactors._carry_back(ctx, grad_a, grad_l)
+
+    @staticmethod
+    def _carry_back(ctx, grad_a, grad_l):
+        coefs, p, q, qc, v, *units = ctx.saved_tensors
+        w = stacked(ctx.weights)
+        m_in, w_t = ctx.m_in, w.transpose(1, 2)
+        grad_a, grad_l = grad_a.to(w.dtype), grad_l.to(w.dtype)
+        if not q.shape[-1]:  # L = W P C
+            grad_p, grad_q = torch.baddbmm(grad_a, w_t, grad_l * coefs), None
+        elif not m_in:  # A = Wᵀ Q, L = Q C
+            grad_p, grad_q = None, torch.baddbmm(grad_l * coefs, w, grad_a)
+        else:
+            g_l1, c_in, c_out = grad_l[..., :m_in], coefs[:m_in], coefs[m_in:]
+            e = g_l1 * c_in
+            grad_p = torch.baddbmm(grad_a[..., :m_in], w_t, torch.baddbmm(e, qc, q.transpose(1, 2) @ e))  # Wᵀ H_out e
+            # Q enters A (Wᵀ Q), L's right half (Qc) and H_out = I + Q C Qᵀ
+            cross = torch.baddbmm(g_l1 @ (v.transpose(1, 2) @ q), v, g_l1.transpose(1, 2) @ q)
+            grad_q = torch.baddbmm((grad_l[..., m_in:] + cross) * c_out, w, grad_a[..., m_in:])
+        if ctx.n_sides == 2:
+            grads = (raw_gradients(grad_p, *units[:2]), raw_gradients(grad_q, *units[2:]))
+        else:
+            present = [g for g in (grad_p, grad_q) if g is not None]
+            grads = (raw_gradients(present[0] if len(present) == 1 else torch.cat(present, dim=2), *units),)
+        return (None, None, None, None, *grads)
+
+
+def stacked(weights: list[torch.Tensor]) -> torch.Tensor:
+    """(G, d_out, d_in): a view for one weight, a copy for several."""
+    return weights[0][None] if len(weights) == 1 else torch.stack(weights)
+
+
+def low_rank_factors(weights: list[torch.Tensor], spec: MethodSpec, strength: float, n_blocks: int,
+                     input_vectors: list[torch.Tensor], output_vectors: list[torch.Tensor]) -> tuple:
+    """A (G, d_in, m), L (G, d_out, m) for G layers (W: (G, d_out, d_in)); the vectors are each side's raw
+    (u[, v]) of every layer, layer-major (an empty list: no transform on that side)."""
+    g, (d_out, d_in) = len(weights), weights[0].shape
+    sides = [vectors for vectors in (input_vectors, output_vectors) if vectors]
+    kinds = len(sides[0]) // g
+    coefs = column_coefficients(spec.a, spec.b, float(strength), n_blocks, kinds, len(sides), weights[0].dtype,
+                                weights[0].device)
+    if len(sides) == 2 and d_in == d_out:  # per layer: its input-side vectors, then its output-side ones
+        stacks = [torch.stack([v for i in range(g) for side in sides for v in side[i * kinds:(i + 1) * kinds]])
+                  .view(g, 2 * kinds, d_in)]
+    else:
+        stacks = [torch.stack(vectors).view(g, kinds, -1) for vectors in sides]
+    m_in = n_blocks * kinds if input_vectors else 0
+    return _LowRankFactors.apply(weights, coefs, n_blocks, m_in, *stacks)
+
+
+class _LowRankApply(torch.autograd.Function):
+    """out = base(x) + (x A) Lᵀ for 2-D x (tokens × features): the base layer's own call, one thin product to
+    (tokens × m) and one back; keeps the input and the (tokens × m) projection, never the output."""
+
+    @staticmethod
+    def forward(ctx, x, weight, base, a, l):
         y = base(x)  # the wrapped layer itself, under the caller's autocast if there is one
-        with torch.autocast(x.device.type, enabled=False) if torch.is_autocast_enabled(x.device.type) \
-                else contextlib.nullcontext():
-            a, l, w_b, b_in, b_out, units = low_rank_factors(weight, c_in, c_out, n, n_in, raw)
+        with full_precision(x.device):
             q = x.to(y.dtype) @ a.to(y.dtype)
             out = torch.addmm(y, q, l.to(y.dtype).t())
-        ctx.save_for_backward(x, weight, q, a, l, w_b, b_in, b_out, c_in, c_out, *units)
+        ctx.save_for_backward(x, weight, q, a, l)
         return out
 
     @staticmethod
     def backward(ctx, grad):
-        x, w, q, a, l, w_b, b_in, b_out, c_in, c_out, unit, norms, unit_out, norms_out = ctx.saved_tensors
+        x, w, q, a, l = ctx.saved_tensors
         grad = grad.contiguous()  # in the output's dtype (autocast's, if any); the factors stay in W's
         r = grad @ l.to(grad.dtype)
         grad_x = torch.addmm(grad @ w.to(grad.dtype), r, a.to(grad.dtype).t()) if ctx.needs_input_grad[0] else None
-        grad_a, grad_l = (x.to(grad.dtype).t() @ r).to(w.dtype), (grad.t() @ q).to(w.dtype)
-        if b_out is None:
-            raw = raw_gradients(torch.addmm(grad_a, w.t(), grad_l * c_in), unit, norms)
-        elif b_in is None:
-            raw = raw_gradients(torch.addmm(grad_l * c_out, w, grad_a), unit_out, norms_out)
-        else:
-            m_in = b_in.shape[1]
-            e = grad_l[:, :m_in] * c_in  # dL/d(H_out W B_in)
-            grad_w_b = torch.addmm(e, b_out, (b_out.t() @ e) * c_out[:, None])  # H_out e (H symmetric)
-            grad_b_in = torch.addmm(grad_a[:, :m_in], w.t(), grad_w_b)
-            # B_out enters A (Wᵀ B_out), L's right half (B_out D_out) and H_out = I + B_out D_out B_outᵀ
-            cross = torch.addmm(e @ (w_b.t() @ b_out), w_b, e.t() @ b_out)
-            grad_b_out = torch.addmm((grad_l[:, m_in:] + cross) * c_out, w, grad_a[:, m_in:])
-            if unit_out is None:
-                raw = raw_gradients(torch.cat([grad_b_in, grad_b_out], dim=1), unit, norms)
-            else:
-                raw = raw_gradients(grad_b_in, unit, norms) + raw_gradients(grad_b_out, unit_out, norms_out)
-        return (grad_x, None, None, None, None, None, None, *raw)
+        return grad_x, None, None, (x.to(grad.dtype).t() @ r).to(w.dtype), (grad.t() @ q).to(w.dtype)
+
+
+def apply_low_rank(x: torch.Tensor, base: torch.nn.Linear, a: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """base(x) + (x A) Lᵀ on x (..., in), with one layer's A (in, m) and L (out, m)."""
+    flat = x.reshape(-1, x.shape[-1])
+    out = _LowRankApply.apply(flat, base.weight, base, a, l)
+    return out.view(*x.shape[:-1], out.shape[-1])
 
 
 def low_rank_linear(x: torch.Tensor, base: torch.nn.Linear, spec: MethodSpec, strength: float, n_blocks: int,
                     input_vectors: list[torch.Tensor], output_vectors: list[torch.Tensor]) -> torch.Tensor:
     """A one-adapter ETHER Linear on x (..., in) as base(x) plus its low-rank correction; the vectors are the raw
     (u[, v]) of each side (an empty list: no transform on that side)."""
-    w = base.weight
-    coefs = [column_coefficients(spec.a, spec.b, float(strength), n_blocks, len(vectors), w.dtype, w.device)
-             if vectors else None for vectors in (input_vectors, output_vectors)]
-    flat = x.reshape(-1, x.shape[-1])
-    out = _LowRankEther.apply(flat, base.weight, base, *coefs, n_blocks, len(input_vectors),
-                              *input_vectors, *output_vectors)
-    return out.view(*x.shape[:-1], out.shape[-1])
+    a, l = low_rank_factors([base.weight], spec, strength, n_blocks, input_vectors, output_vectors)
+    return apply_low_rank(x, base, a[0], l[0])

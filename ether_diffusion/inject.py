@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from . import low_rank_groups
 from .errors import EtherError
 from .layers import AdapterConfig, EtherAdapter, EtherLayer, check_blocks, is_adaptable, layer_sizes, unsupported_reason
 
@@ -109,6 +110,7 @@ def add_adapter(model: nn.Module, name: str, config: AdapterConfig, layer_names:
     model.requires_grad_(False)
     for layer_name in names:
         _wrap(model, layer_name).add_adapter(name, config, layer_name).requires_grad_(True)
+    low_rank_groups.install(model)
     return names
 
 
@@ -203,6 +205,7 @@ def unload_adapters(model: nn.Module) -> None:
     """Remove every adapter and wrapper: the model is the plain base model again, original weights restored."""
     for name, layer in list(ether_layers(model)):
         _unwrap(model, name, layer)
+    low_rank_groups.uninstall(model)
 
 
 def fuse_and_unload(model: nn.Module) -> None:
@@ -210,6 +213,7 @@ def fuse_and_unload(model: nn.Module) -> None:
     for name, layer in list(ether_layers(model)):
         layer.merge()
         _replace(model, name, layer.base)
+    low_rank_groups.uninstall(model)
 
 
 @contextlib.contextmanager

@@ -13,7 +13,7 @@ from torch import nn
 
 from .ether import METHOD_SPECS, MethodSpec, apply_transform, check_method, default_sides, transform_weight, unit_blocks
 from .errors import EtherError
-from .fused import low_rank_linear, low_rank_pays
+from .fused import apply_low_rank, low_rank_linear, low_rank_pays
 
 
 @dataclass(frozen=True)
@@ -144,6 +144,7 @@ class EtherLayer(nn.Module):
         self.merged: dict[str, float] = {}
         self._original_weight: torch.Tensor | None = None
         self.routing: tuple[list[str | None], torch.Tensor] | None = None
+        self.low_rank_factors: tuple[torch.Tensor, torch.Tensor] | None = None  # (A, L) built for this forward
 
     @property
     def is_conv(self) -> bool:
@@ -249,13 +250,14 @@ class EtherLayer(nn.Module):
         bias = bias.to(y.dtype)
         return bias.view(-1, 1, 1) if self.is_conv else bias
 
-    def _low_rank_plan(self, tokens: int) -> tuple | None:
+    def _low_rank_plan(self, tokens: int | None) -> tuple | None:
         """`low_rank_linear`'s arguments after x and the base (spec, strength, n_blocks, input-side vectors,
         output-side vectors) to train the one active adapter as a low-rank update (`fused.py`), or None for the
         general path.
 
         It applies to training one adapter on a plain Linear whose weight and vectors are at hand, when it pays:
-        the update's rank is small next to the layer and there are enough tokens (`fused.low_rank_pays`).
+        the update's rank is small next to the layer and there are enough tokens (`fused.low_rank_pays`; tokens
+        None: only where the count does not matter).
         Routing, several adapters, convs, quantised or offloaded weights and a trainable base take the general
         path.
         """
@@ -280,6 +282,8 @@ class EtherLayer(nn.Module):
             return self.base(x)  # strength-0 adapters cost nothing and leave the base output bit for bit
         if self.routing is not None and x.shape[0] != len(self.routing[0]):
             raise EtherError(f"routing names {len(self.routing[0])} samples but the batch has {x.shape[0]}")
+        if self.low_rank_factors is not None and torch.is_grad_enabled():  # built with its group (low_rank_groups)
+            return apply_low_rank(x, self.base, *self.low_rank_factors)
         low_rank = self._low_rank_plan(x.numel() // max(x.shape[-1], 1))
         if low_rank is not None:
             return low_rank_linear(x, self.base, *low_rank)

@@ -276,7 +276,7 @@ def test_low_rank_training_path_matches_dense_reference_gradients(method, sides,
     x = torch.randn(4, 40, WIDE_IN, dtype=torch.float64, requires_grad=True)
     out = model(x)
     assert type(out.grad_fn).__name__ == "ViewBackward0"
-    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"  # the fast path really ran
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LowRankApplyBackward"  # the fast path really ran
     upstream = torch.randn_like(out)
     got = torch.autograd.grad(out, [x, *layer.ether_adapters["a"].vectors.values()], upstream)
 
@@ -301,7 +301,7 @@ def test_few_tokens_take_the_applied_transforms_with_the_same_gradients():
     vectors = list(layer.ether_adapters["a"].parameters())
     x = torch.randn(200, 512, dtype=torch.float64)
     many, few = model(x), model(x[:4])
-    assert type(many.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"
+    assert type(many.grad_fn.next_functions[0][0]).__name__ == "_LowRankApplyBackward"
     assert "LowRank" not in type(few.grad_fn).__name__ + type(few.grad_fn.next_functions[0][0]).__name__
     torch.testing.assert_close(many[:4], few)
     for g_many, g_few in zip(torch.autograd.grad(many[:4].square().sum(), vectors),
@@ -368,7 +368,7 @@ def test_low_rank_path_in_bf16_keeps_fp32_vector_gradients():
     x = torch.randn(160, WIDE_IN, dtype=torch.bfloat16, requires_grad=True)
     out = model(x)
     assert out.dtype == torch.bfloat16
-    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"
+    assert type(out.grad_fn.next_functions[0][0]).__name__ == "_LowRankApplyBackward"
     out.float().square().sum().backward()
     grads = [p.grad for p in layer.ether_adapters["a"].parameters()]
     assert all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads)
@@ -394,9 +394,95 @@ def test_low_rank_path_under_autocast_matches_the_general_path(monkeypatch):
 
     fast_out, fast_grads = run()
     assert fast_out.dtype == torch.bfloat16
-    assert type(fast_out.grad_fn.next_functions[0][0]).__name__ == "_LowRankEtherBackward"
+    assert type(fast_out.grad_fn.next_functions[0][0]).__name__ == "_LowRankApplyBackward"
     assert all(g.dtype == torch.float32 for g in fast_grads)
     monkeypatch.setattr(EtherLayer, "_low_rank_plan", lambda self, tokens: None)
     general_out, general_grads = run()
     for got, want in zip([fast_out, *fast_grads], [general_out, *general_grads]):
         assert (got.float() - want.float()).norm() <= 0.05 * want.float().norm()
+
+
+# -- small layers of one shape build their factors together, before the forward (low_rank_groups.py) -------------
+
+class _Branches(nn.Module):
+    """Two square layers (one group), two wide ones (another group) and a lone one (builds its own)."""
+
+    def __init__(self):
+        super().__init__()
+        self.sq0, self.sq1 = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.wide0, self.wide1 = nn.Linear(64, 96), nn.Linear(64, 96)
+        self.lone = nn.Linear(96, 64)
+
+    def forward(self, x):
+        h = self.sq1(self.sq0(x))
+        return self.lone(self.wide0(h) * torch.tanh(self.wide1(h)))
+
+
+def _branches(method, sides, n, strength=0.7):
+    torch.manual_seed(0)
+    model = _Branches().double()
+    add_adapter(model, "a", AdapterConfig(method=method, n_blocks=n, sides=sides, targets="sq0|sq1|wide0|wide1|lone"))
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.copy_(torch.randn_like(p))
+    set_adapters(model, "a", strength)
+    return model
+
+
+@pytest.mark.parametrize("method,sides,n", [("etherplus", "both", 1), ("etherplus", "both", 2), ("ether", "input", 2),
+                                            ("etherplus", "output", 1)])
+def test_grouped_factors_match_dense_reference_over_two_forwards(method, sides, n):
+    """Layers of one shape take factors built together; outputs and gradients (input, every vector) equal autograd
+    through the dense fp64 H matrices, also when two forwards feed one backward (gradient accumulation)."""
+    from torch.func import functional_call
+
+    model = _branches(method, sides, n)
+    grouped = []
+    for name in ("sq0", "sq1", "wide0", "wide1", "lone"):
+        getattr(model, name).register_forward_pre_hook(
+            lambda layer, args, name=name: grouped.append(name) if layer.low_rank_factors is not None else None)
+    xs = [torch.randn(2, 40, 64, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    upstream = [torch.randn(2, 40, 64, dtype=torch.float64) for _ in range(2)]
+    outs = [model(x) for x in xs]
+    assert grouped == ["sq0", "sq1", "wide0", "wide1"] * 2  # the lone layer built its own
+    assert all(layer.low_rank_factors is None for layer in model.modules() if isinstance(layer, EtherLayer))
+    vectors = [p for p in model.parameters() if p.requires_grad]
+    got = torch.autograd.grad(outs, [*xs, *vectors], upstream)
+
+    plain, weights = _Branches().double(), {}
+    leaves = {name: p.detach().clone().requires_grad_(True) for name, p in model.named_parameters() if p.requires_grad}
+    for name in ("sq0", "sq1", "wide0", "wide1", "lone"):
+        layer = getattr(model, name)
+        vec = {k.rsplit(".", 1)[-1]: v for k, v in leaves.items() if k.startswith(f"{name}.")}
+        W = layer.base.weight.detach()
+        if "u_input" in vec:
+            W = W @ reference_H(vec["u_input"], vec.get("v_input"), n, method, 0.7)
+        if "u_output" in vec:
+            W = reference_H(vec["u_output"], vec.get("v_output"), n, method, 0.7) @ W
+        weights[f"{name}.weight"], weights[f"{name}.bias"] = W, layer.base.bias.detach()
+    x_refs = [x.detach().clone().requires_grad_(True) for x in xs]
+    refs = [functional_call(plain, weights, (x,)) for x in x_refs]
+    want = torch.autograd.grad(refs, [*x_refs, *leaves.values()], upstream)
+    for out, ref in zip(outs, refs):
+        torch.testing.assert_close(out, ref)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w)
+
+
+def test_no_groups_without_gradients_or_with_gradient_checkpointing_and_none_after_unload():
+    from ether_diffusion import unload_adapters
+
+    model = _branches("etherplus", "both", 1)
+    seen = []
+    model.sq0.register_forward_pre_hook(lambda layer, args: seen.append(layer.low_rank_factors is not None))
+    x = torch.randn(8, 64, dtype=torch.float64)
+    with torch.no_grad():
+        model(x)
+    model.gradient_checkpointing = True  # the flag diffusers and transformers set
+    model(x)
+    model.gradient_checkpointing = False
+    model(x)
+    assert seen == [False, False, True]
+    unload_adapters(model)
+    assert not model._forward_pre_hooks and not model._forward_hooks and not model._forward_hooks_always_called

@@ -69,7 +69,20 @@ def make_optimizer(param_groups: list[dict], cfg) -> torch.optim.Optimizer:
         except ImportError:
             raise EtherError("--use-8bit-adam needs bitsandbytes (pip install bitsandbytes)") from None
         return bnb.optim.AdamW8bit(param_groups, **kwargs)
-    return torch.optim.AdamW(param_groups, **kwargs)
+    return adamw(param_groups, loss_scaling=cfg.mixed_precision == "fp16", **kwargs)
+
+
+def adamw(params: list, loss_scaling: bool = False, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per tensor where torch has it (floating-point tensors on CPU or CUDA).
+
+    Why: adapters are many small tensors (ETHER+ has four vectors per layer), and the default per-tensor loop
+    then costs more than the arithmetic: on this CPU, 320 vectors of 128 take 10 ms per step unfused, 1.2 ms fused.
+    Not with fp16 loss scaling: a fused step is called even when the scaler skips it, so accelerate could not
+    tell the learning-rate schedule to skip it too.
+    """
+    tensors = [p for group in params for p in group["params"]] if params and isinstance(params[0], dict) else params
+    fused = not loss_scaling and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
 
 def make_lr_scheduler(optimizer, cfg):
