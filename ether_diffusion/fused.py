@@ -93,8 +93,8 @@ def full_precision(device: torch.device):
 class _LowRankFactors(torch.autograd.Function):
     """A (G, d_in, m) and L (G, d_out, m), W' − W = L Aᵀ, for G layers of one shape and setting at once.
 
-    Inputs: the G weights (a list: stacked into W (G, d_out, d_in) for the forward and again for the backward,
-    so the copy is never kept in between, where activation memory peaks); the coefficients c of all columns (input side first); n; the number
+    Inputs: the G weights (a list: their products are taken layer by layer, so the weights are never copied
+    into one tensor); the coefficients c of all columns (input side first); n; the number
     of input-side columns m_in (0: no input side; m_in = m: no output side); then the raw vectors as stacks
     (G, K, d): one for both sides of a square layer (normalised together: fewer operations), else one per side.
     With B_in = P, B_out = Q, their columns scaled by c as Pc, Qc, and V = W Pc:
@@ -108,8 +108,7 @@ class _LowRankFactors(torch.autograd.Function):
 
     @staticmethod
     def _build(ctx, weights, coefs, n, m_in, stacks):
-        w = stacked(weights)
-        sides = [unit_columns(stack, n, w.dtype) for stack in stacks]
+        sides = [unit_columns(stack, n, weights[0].dtype) for stack in stacks]
         if len(sides) == 1:  # one side, or both sides of a square layer
             columns = sides[0][2]
             scaled = columns * coefs
@@ -117,15 +116,14 @@ class _LowRankFactors(torch.autograd.Function):
         else:
             p, q = sides[0][2], sides[1][2]
             pc, qc = p * coefs[:m_in], q * coefs[m_in:]
-        w_t = w.transpose(1, 2)
-        v = w @ pc if m_in else None
+        v = weight_products(weights, pc) if m_in else None
         if not q.shape[-1]:
             a, l = p, v
         elif not m_in:
-            a, l = w_t @ q, qc
+            a, l = weight_products(weights, q, transposed=True), qc
         else:
-            a = torch.cat([p, w_t @ q], dim=2)
-            l = torch.cat([torch.baddbmm(v, qc, q.transpose(1, 2) @ v), qc], dim=2)
+            a = torch.cat([p, weight_products(weights, q, transposed=True)], dim=2)
+            l = torch.cat([v + qc @ (q.transpose(1, 2) @ v), qc], dim=2)
         ctx.weights, ctx.n_sides, ctx.m_in = weights, len(sides), m_in
         ctx.save_for_backward(coefs, p, q, qc, v, *(t for side in sides for t in side[:2]))
         return a, l
@@ -138,20 +136,20 @@ class _LowRankFactors(torch.autograd.Function):
     @staticmethod
     def _carry_back(ctx, grad_a, grad_l):
         coefs, p, q, qc, v, *units = ctx.saved_tensors
-        w = stacked(ctx.weights)
-        m_in, w_t = ctx.m_in, w.transpose(1, 2)
-        grad_a, grad_l = grad_a.to(w.dtype), grad_l.to(w.dtype)
+        weights, m_in = ctx.weights, ctx.m_in
+        grad_a, grad_l = grad_a.to(coefs.dtype), grad_l.to(coefs.dtype)
         if not q.shape[-1]:  # L = W P C
-            grad_p, grad_q = torch.baddbmm(grad_a, w_t, grad_l * coefs), None
+            grad_p, grad_q = grad_a + weight_products(weights, grad_l * coefs, transposed=True), None
         elif not m_in:  # A = Wᵀ Q, L = Q C
-            grad_p, grad_q = None, torch.baddbmm(grad_l * coefs, w, grad_a)
+            grad_p, grad_q = None, grad_l * coefs + weight_products(weights, grad_a)
         else:
             g_l1, c_in, c_out = grad_l[..., :m_in], coefs[:m_in], coefs[m_in:]
             e = g_l1 * c_in
-            grad_p = torch.baddbmm(grad_a[..., :m_in], w_t, torch.baddbmm(e, qc, q.transpose(1, 2) @ e))  # Wᵀ H_out e
+            grad_p = grad_a[..., :m_in] + weight_products(weights, e + qc @ (q.transpose(1, 2) @ e),
+                                                          transposed=True)  # Wᵀ H_out e
             # Q enters A (Wᵀ Q), L's right half (Qc) and H_out = I + Q C Qᵀ
-            cross = torch.baddbmm(g_l1 @ (v.transpose(1, 2) @ q), v, g_l1.transpose(1, 2) @ q)
-            grad_q = torch.baddbmm((grad_l[..., m_in:] + cross) * c_out, w, grad_a[..., m_in:])
+            cross = g_l1 @ (v.transpose(1, 2) @ q) + v @ (g_l1.transpose(1, 2) @ q)
+            grad_q = (grad_l[..., m_in:] + cross) * c_out + weight_products(weights, grad_a[..., m_in:])
         if ctx.n_sides == 2:
             grads = (raw_gradients(grad_p, *units[:2]), raw_gradients(grad_q, *units[2:]))
         else:
@@ -160,9 +158,9 @@ class _LowRankFactors(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-def stacked(weights: list[torch.Tensor]) -> torch.Tensor:
-    """(G, d_out, d_in): a view for one weight, a copy for several."""
-    return weights[0][None] if len(weights) == 1 else torch.stack(weights)
+def weight_products(weights: list[torch.Tensor], x: torch.Tensor, transposed: bool = False) -> torch.Tensor:
+    """W_g x_g (or W_gᵀ x_g) for each of the G layers: (G, ·, m) from x (G, ·, m)."""
+    return torch.stack([(w.t() if transposed else w) @ x_g for w, x_g in zip(weights, x.unbind(0))])
 
 
 def low_rank_factors(weights: list[torch.Tensor], spec: MethodSpec, strength: float, n_blocks: int,

@@ -2,8 +2,9 @@
 
 Why: on small layers (the embedded model's), per-operation overhead, not arithmetic, sets the step time. Each
 layer building its own A and L (`fused.py`) costs some forty small operations forward and backward; layers of
-one shape and setting built together cost those forty once, as batched products, and each layer keeps only its
-own thin products with the activations (five operations, as a LoRA). `add_adapter` puts the two hooks below on
+one shape and setting built together cost those forty once (batched over the group; only the products with
+each weight are taken layer by layer, so no weight is copied), and each layer keeps only its own thin products
+with the activations (five operations, as a LoRA). `add_adapter` puts the two hooks below on
 the model it adapts; `unload_adapters` and `fuse_and_unload` take them off.
 
 Only weights ≤ `fused.SMALL_WEIGHT` are grouped (for those the low-rank path pays whatever the token count);
