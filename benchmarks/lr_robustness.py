@@ -1,13 +1,17 @@
-"""Learning-rate robustness on the toy world (the paper's claim: ETHER / ETHER+ stay good across learning
-rates where LoRA and OFT fail to learn or collapse).
+"""Subject quality side by side, and learning-rate robustness (the paper's claims: ETHER+ is at least as faithful
+as LoRA with at most half its parameters; ETHER / ETHER+ stay good across learning rates where LoRA and OFT
+fail to learn or collapse), on the toy world.
 
+    python benchmarks/lr_robustness.py --subjects all --multipliers 1 --out docs/benchmarks/subject-quality.json
     python benchmarks/lr_robustness.py --out docs/benchmarks/lr-robustness.json --plot docs/benchmarks/lr-robustness.png
 
-DreamBooth on one held-out subject with prior preservation, through the project's own training loop (PEFT LoRA
-r=4 and OFT are injected on the same attention layers and trained as extra parameters), at each method's
-recommended learning rate (the paper's: ETHER/ETHER+ 6e-3, LoRA 6e-4, OFT 6e-5) times 0.1, 1, 10 and 100, with
-the same step budget, data and seeds. Scores from the toy-world checker over the demo's context prompts:
-subject fidelity (does it look like the subject) and prompt fidelity (is it where/how the prompt asks).
+DreamBooth on held-out subjects with prior preservation, through the project's own training loop (PEFT LoRA
+r=4 and OFT are injected on the same UNet attention layers and trained as extra parameters; the text encoder
+is left alone for every method), at each method's recommended learning rate (the paper's: ETHER/ETHER+ 6e-3,
+LoRA 6e-4, OFT 6e-5) times the multipliers (default 0.1, 1, 10 and 100), with the same step budget, data and
+seeds. Scores from the toy-world checker over the demo's context prompts: subject fidelity and match rate (does
+it look like the exact subject), prompt fidelity (is it where/how the prompt asks), and class drift (how often
+the class prompt draws the subject itself).
 """
 
 from __future__ import annotations
@@ -41,9 +45,10 @@ def run(method: str, lr: float, folders: dict, settings: DemoSettings, args) -> 
     t0 = time.time()
     train_dreambooth(cfg, pipe=pipe, extra_trainable=extra)
     seconds = time.time() - t0
+    trainable = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
     scores, _ = score(pipe, settings, adapted=True)
-    return {"method": method, "learning_rate": lr, "multiplier": lr / RECOMMENDED[method],
-            "train_seconds": round(seconds, 1), **scores}
+    return {"subject": settings.subject, "method": method, "learning_rate": lr, "multiplier": lr / RECOMMENDED[method],
+            "trainable_parameters": trainable, "train_seconds": round(seconds, 1), **scores}
 
 
 def plot(rows: list[dict], base: dict, path: Path) -> None:
@@ -71,35 +76,42 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default=",".join(RECOMMENDED))
     ap.add_argument("--multipliers", default=",".join(f"{m:g}" for m in MULTIPLIERS))
     ap.add_argument("--base", default=None)
-    ap.add_argument("--subject", default="striped-circle", choices=list(world.SUBJECTS))
-    ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--class-images", type=int, default=8)
-    ap.add_argument("--seeds", type=int, default=2, help="images per prompt")
+    ap.add_argument("--subjects", default="striped-circle", help=f"comma-separated, or all: {', '.join(world.SUBJECTS)}")
+    ap.add_argument("--steps", type=int, default=DemoSettings.max_steps)
+    ap.add_argument("--class-images", type=int, default=DemoSettings.class_images)
+    ap.add_argument("--seeds", type=int, default=DemoSettings.seeds, help="images per prompt")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    settings = DemoSettings(base=args.base, subject=args.subject, seeds=args.seeds, sampling_steps=20)
-    rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        folders = {"instance": Path(tmp) / "instance", "class": Path(tmp) / "class", "runs": Path(tmp) / "runs"}
-        render_instances(settings, folders["instance"])
-        base, _ = score(load_pipeline(args.base), settings, adapted=False)
-        for method in args.methods.split(","):
-            for mult in (float(m) for m in args.multipliers.split(",")):
-                rows.append(run(method, RECOMMENDED[method] * mult, folders, settings, args))
-                print(json.dumps(rows[-1]), flush=True)
-    report = {"command": "python benchmarks/lr_robustness.py " + " ".join(sys.argv[1:]), "subject": args.subject,
-              "settings": {k: str(v) for k, v in vars(args).items()}, "base": base, "rows": rows}
+    subjects = list(world.SUBJECTS) if args.subjects == "all" else args.subjects.split(",")
+    rows, bases = [], {}
+    for subject in subjects:
+        settings = DemoSettings(base=args.base, subject=subject, seeds=args.seeds, train_text_encoder=False,
+                                seed=args.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            folders = {"instance": Path(tmp) / "instance", "class": Path(tmp) / "class", "runs": Path(tmp) / "runs"}
+            render_instances(settings, folders["instance"])
+            bases[subject], _ = score(load_pipeline(args.base), settings, adapted=False)
+            for method in args.methods.split(","):
+                for mult in (float(m) for m in args.multipliers.split(",")):
+                    rows.append(run(method, RECOMMENDED[method] * mult, folders, settings, args))
+                    print(json.dumps(rows[-1]), flush=True)
+    report = {"command": "python benchmarks/lr_robustness.py " + " ".join(sys.argv[1:]),
+              "settings": {k: str(v) for k, v in vars(args).items()}, "base": bases, "rows": rows}
     atomic_write_text(args.out, json.dumps(report, indent=2))
     if args.plot:
-        plot(rows, base, args.plot)
-    print(f"\nbase model: subject fidelity {base['subject_fidelity']:.3f}, prompt fidelity {base['prompt_fidelity']:.2f}")
-    print(f"{'method':<11}{'LR':>9}{'× rec.':>8}{'subject':>9}{'prompt':>8}")
+        plot([r for r in rows if r["subject"] == subjects[0]], bases[subjects[0]], args.plot)
+    print(f"\n{'subject':<16}{'method':<11}{'LR':>9}{'× rec.':>8}{'params':>10}{'fidelity':>9}{'match':>7}{'prompt':>8}"
+          f"{'drift':>7}")
+    for subject, base in bases.items():
+        print(f"{subject:<16}{'base':<11}{'':>9}{'':>8}{0:>10,}{base['subject_fidelity']:>9.3f}"
+              f"{base['subject_match_rate']:>7.2f}{base['prompt_fidelity']:>8.2f}{base['class_drift']:>7.2f}")
     for r in rows:
-        print(f"{r['method']:<11}{r['learning_rate']:>9.0e}{r['multiplier']:>8g}{r['subject_fidelity']:>9.3f}"
-              f"{r['prompt_fidelity']:>8.2f}")
+        print(f"{r['subject']:<16}{r['method']:<11}{r['learning_rate']:>9.0e}{r['multiplier']:>8g}"
+              f"{r['trainable_parameters']:>10,}{r['subject_fidelity']:>9.3f}{r['subject_match_rate']:>7.2f}"
+              f"{r['prompt_fidelity']:>8.2f}{r['class_drift']:>7.2f}")
     print(f"written {args.out}")
 
 

@@ -10,9 +10,10 @@ The layer then trains like a LoRA of rank m: the base layer's own call on the ra
 (tokens × m), one back, and the function keeps only the input (which the layer before keeps anyway) and the
 (tokens × m) projections. Applying the transforms instead passes over the activations three times per side and
 keeps the layer output for the output-side vectors' gradients. Building A and L, and carrying their gradients
-back to the vectors, takes products of W with the m columns (`low_rank_pays` says when that is worth it). One
-autograd function does it all, because on small layers the number of recorded operations, not the arithmetic,
-sets the step time.
+back to the vectors, takes products of W with the m columns (`low_rank_pays` says when that is worth it). Two
+autograd functions with hand-written backward passes do it, because on small layers the number of operations,
+not the arithmetic, sets the step time: `_LowRankFactors` builds A and L for one layer, or for a whole group of
+layers of one shape at once (`low_rank_groups.py`), and `_LowRankApply` runs each layer with its own.
 """
 
 from __future__ import annotations

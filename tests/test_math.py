@@ -225,7 +225,7 @@ def test_strength_meaning_differs_by_method_and_the_sweep_avoids_singular_ether_
             assert torch.linalg.svdvals(reference_H(u, v, 1, "etherplus", s)).min() > 1e-3, s
 
 
-# -- the training fast path (fused.py): the adapter as a low-rank update in one autograd function -------------
+# -- the training fast path (fused.py): the adapter as a low-rank update, factors and application as two autograd functions
 
 GRAD_CASES = list(itertools.product(["ether", "etherplus"], ["input", "output", "both"], [1, 4], [1.0, 0.6]))
 WIDE_IN, WIDE_OUT = 256, 160  # wide enough that ETHER+ n = 4 on both sides (rank 16) takes the low-rank path
