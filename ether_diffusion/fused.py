@@ -166,8 +166,8 @@ def weight_products(weights: list[torch.Tensor], x: torch.Tensor, transposed: bo
 
 def low_rank_factors(weights: list[torch.Tensor], spec: MethodSpec, strength: float, n_blocks: int,
                      input_vectors: list[torch.Tensor], output_vectors: list[torch.Tensor]) -> tuple:
-    """A (G, d_in, m), L (G, d_out, m) for G layers (W: (G, d_out, d_in)); the vectors are each side's raw
-    (u[, v]) of every layer, layer-major (an empty list: no transform on that side)."""
+    """A (G, d_in, m), L (G, d_out, m) for G layers of one shape (weights: their G (d_out, d_in) weights); the
+    vectors are each side's raw (u[, v]) of every layer, layer-major (an empty list: no transform on that side)."""
     g, (d_out, d_in) = len(weights), weights[0].shape
     sides = [vectors for vectors in (input_vectors, output_vectors) if vectors]
     kinds = len(sides[0]) // g

@@ -47,14 +47,14 @@ def test_demo_reduced_mode_writes_everything(tmp_path):
 
 
 def test_short_dreambooth_run_raises_subject_fidelity_over_the_base(tmp_path):
-    settings = DemoSettings(out=str(tmp_path / "short"), max_steps=150, class_images=4, seeds=2, sampling_steps=12)
+    settings = DemoSettings(out=str(tmp_path / "short"), max_steps=300, class_images=4, seeds=2, sampling_steps=12)
     report = run_demo(settings)
     assert report["adapted"]["subject_fidelity"] > report["base"]["subject_fidelity"] + 0.01, report
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the embedded base draws patterns too roughly yet (69.5% of held-out captions fully "
-                          "right, target 90%); measured demo: subject match 0.00, see docs/toyworld.md", strict=False)
+@pytest.mark.xfail(reason="the embedded base draws patterns too roughly yet (78% of held-out captions fully "
+                          "right, target 90%); measured demo: subject match 0.04, see docs/toyworld.md", strict=False)
 def test_full_demo_learns_the_subject_in_new_contexts(tmp_path):
     """The demo's targets: adapted match ≥ 0.8 and prompt fidelity ≥ 0.9, base match ≤ 0.1, class drift ≤ 0.2."""
     report = run_demo(DemoSettings(out=str(tmp_path / "full")))
