@@ -31,14 +31,14 @@ _built: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model → the
 def prepare_factors(model: nn.Module, args) -> None:
     """Forward pre-hook: give each small single-adapter training layer its (A, L), built per group."""
     drop_factors(model, args, None)
-    layers, checkpointing = [], False
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():  # inference passes skip the module scan
+        return
+    layers = []
     for module in model.modules():
         if isinstance(module, EtherLayer):
             layers.append(module)
         elif module.__dict__.get("gradient_checkpointing") is True:  # diffusers' and transformers' flag
-            checkpointing = True
-    if checkpointing or not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return
+            return
     groups = defaultdict(list)
     for layer in layers:
         plan = layer._low_rank_plan(None)
@@ -74,6 +74,7 @@ def install(model: nn.Module) -> None:
 
 
 def uninstall(model: nn.Module) -> None:
+    """Take the two hooks off `model` (nothing happens if they are not there)."""
     for hooks in (model._forward_pre_hooks, model._forward_hooks):
         for key in [key for key, hook in hooks.items() if hook in (prepare_factors, drop_factors)]:
             del hooks[key]
