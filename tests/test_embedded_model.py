@@ -53,8 +53,8 @@ def test_short_dreambooth_run_raises_subject_fidelity_over_the_base(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the embedded base draws patterns too roughly yet (78% of held-out captions fully "
-                          "right, target 90%); measured demo: subject match 0.04, see docs/toyworld.md", strict=False)
+@pytest.mark.xfail(reason="the adapted subject's bands are right in colour and direction but often not in count "
+                          "or phase; measured demo: subject match 0.29, see docs/demo-report.md", strict=False)
 def test_full_demo_learns_the_subject_in_new_contexts(tmp_path):
     """The demo's targets: adapted match ≥ 0.8 and prompt fidelity ≥ 0.9, base match ≤ 0.1, class drift ≤ 0.2."""
     report = run_demo(DemoSettings(out=str(tmp_path / "full")))
