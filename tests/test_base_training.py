@@ -22,6 +22,14 @@ def test_train_base_writes_a_loadable_pipeline_and_reuses_the_finished_vae(tmp_p
     assert (out / "vae.pt").stat().st_mtime_ns == vae_stamp
 
 
+@pytest.mark.parametrize("item", ["chess=2", "checker=0", "checker=x", "checker"])
+def test_a_bad_pattern_weight_is_a_usage_error(tmp_path, item):
+    with pytest.raises(SystemExit) as exit_info:
+        train_base(["--out", str(tmp_path / "base"), "--pattern-weight", item])
+    assert exit_info.value.code == 2
+    assert not (tmp_path / "base").exists()
+
+
 def _tiny_unet(down, up):
     from diffusers import UNet2DConditionModel
 

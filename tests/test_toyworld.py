@@ -77,6 +77,20 @@ def test_held_out_combinations_never_appear_in_base_training():
     assert all(f"{w}</w>" in vocab for w in world.PATTERN_WORDS.values())
 
 
+def test_pattern_weights_show_a_kind_more_often_and_still_hold_out_the_subjects():
+    rng = random.Random(1)
+    scenes = [world.random_world_scene(rng, {"checker": 3.0}) for _ in range(4000)]
+    patterned = [s for s in scenes if s.pattern.kind != "solid"]
+    checker_share = sum(s.pattern.kind == "checker" for s in patterned) / len(patterned)
+    assert 0.45 < checker_share < 0.55  # 3 / (3 + 1 + 1 + 1)
+    assert 0.6 < len(patterned) / len(scenes) < 0.7  # the solid / patterned split is untouched
+    assert not any(world.is_held_out(s.shape, s.colours, s.pattern.kind) for s in scenes)
+    rng = random.Random(1)
+    default = [world.random_world_scene(rng) for _ in range(4000)]
+    shares = [sum(s.pattern.kind == k for s in default) / len(default) for k in world.PATTERNS[1:]]
+    assert max(shares) - min(shares) < 0.04
+
+
 def test_checker_is_accurate_on_renders_and_chance_on_noise():
     result = checker_validation(n=300)
     assert min(result["clean"].values()) >= 0.98

@@ -39,11 +39,27 @@ def to_tensor(images: list) -> torch.Tensor:
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
 
 
-def render_pool(n: int, seed: int) -> tuple[list[world.Scene], torch.Tensor]:
+def render_pool(n: int, seed: int, pattern_weights: dict[str, float] | None = None) -> tuple[list[world.Scene], torch.Tensor]:
     """n seeded scenes of the base world (solid and patterned objects) and their pictures."""
     rng = random.Random(seed)
-    scenes = [world.random_world_scene(rng) for _ in range(n)]
+    scenes = [world.random_world_scene(rng, pattern_weights) for _ in range(n)]
     return scenes, to_tensor([world.render(s) for s in tqdm(scenes, desc="render", leave=False)])
+
+
+def parse_pattern_weights(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, float] | None:
+    """'checker=3' -> {'checker': 3.0}; a bad kind or weight is a usage error (exit status 2)."""
+    weights: dict[str, float] = {}
+    for item in items:
+        kind, _, value = item.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = -1.0
+        if kind not in world.PATTERNS[1:] or not weight > 0:
+            ap.error(f"--pattern-weight {item!r}: expected KIND=W with KIND one of "
+                     f"{', '.join(world.PATTERNS[1:])} and W > 0")
+        weights[kind] = weight
+    return weights or None
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
@@ -171,7 +187,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--init-from", type=Path, default=None,
                     help="start VAE, UNet and text encoder from this pipeline folder instead of from scratch "
                          "(continued training; words new to the vocabulary get fresh embeddings)")
+    ap.add_argument("--pattern-weight", action="append", default=[], metavar="KIND=W",
+                    help="show patterned objects of KIND W times as often as the other kinds in the UNet's pool "
+                         f"(repeatable; kinds: {', '.join(world.PATTERNS[1:])}), e.g. checker=3 for the hardest kind")
     args = ap.parse_args(argv)
+    pattern_weights = parse_pattern_weights(ap, args.pattern_weight)
 
     torch.manual_seed(args.seed)
     out: Path = args.out
@@ -200,7 +220,7 @@ def main(argv: list[str] | None = None) -> None:
         save_checkpoint(vae_path, vae.state_dict())
     vae.eval().requires_grad_(False)
 
-    scenes, images = render_pool(args.pool, args.seed)
+    scenes, images = render_pool(args.pool, args.seed, pattern_weights)
     means, stds = encode_pool(vae, images)
     scaling = float(1.0 / means.std())
     recon = vae.decode(means[:256]).sample

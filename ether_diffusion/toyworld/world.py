@@ -174,19 +174,27 @@ def random_scene(rng: random.Random, background: str | None = None) -> Scene:
     )
 
 
-def random_patterned_scene(rng: random.Random) -> Scene:
-    """A base-world scene with a two-colour pattern of random geometry; never a held-out subject's combination."""
+def random_patterned_scene(rng: random.Random, pattern_weights: dict[str, float] | None = None) -> Scene:
+    """A base-world scene with a two-colour pattern of random geometry; never a held-out subject's combination.
+    `pattern_weights` (kind -> relative weight, 1 when absent) lets base training show a hard kind more often;
+    without it every kind is equally likely."""
     base = random_scene(rng)
+    kinds = PATTERNS[1:]
     while True:
-        kind = rng.choice(PATTERNS[1:])
+        if pattern_weights:
+            kind = rng.choices(kinds, weights=[pattern_weights.get(k, 1.0) for k in kinds])[0]
+        else:
+            kind = rng.choice(kinds)
         colours = colour_pair(*rng.sample(list(OBJECT_COLOURS), 2))
         if not is_held_out(base.shape, colours, kind):
             return replace(base, colours=colours, pattern=random_pattern(rng, kind))
 
 
-def random_world_scene(rng: random.Random) -> Scene:
+def random_world_scene(rng: random.Random, pattern_weights: dict[str, float] | None = None) -> Scene:
     """A scene from the base model's training distribution: solid or patterned objects."""
-    return random_patterned_scene(rng) if rng.random() < PATTERNED_FRACTION else random_scene(rng)
+    if rng.random() < PATTERNED_FRACTION:
+        return random_patterned_scene(rng, pattern_weights)
+    return random_scene(rng)
 
 
 def subject_scene(rng: random.Random, subject: str, background: str | None = None, size: str | None = None) -> Scene:
