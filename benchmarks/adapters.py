@@ -230,14 +230,27 @@ def routing(unet, args, x, t, ctx) -> dict:
             "routed8_ratio_to_single": routed / single, "routed8_ratio_to_sequential": routed / seq}
 
 
-def median_row(method_runs: list[dict]) -> dict:
-    """One method's rounds → one row: the median of each figure, and the step times of every round."""
-    row = dict(method_runs[0])
+def median_row(method_runs: dict[int, dict]) -> dict:
+    """One method's rounds (by round index) → one row: the median of each figure, and the step times of every
+    round."""
+    runs = list(method_runs.values())
+    row = dict(runs[0])
     for key, value in row.items():
         if isinstance(value, float):
-            row[key] = statistics.median(run[key] for run in method_runs)
-    row["step_time_s_rounds"] = [run["step_time_s"] for run in method_runs]
+            row[key] = statistics.median(run[key] for run in runs)
+    row["step_time_s_rounds"] = [run["step_time_s"] for run in runs]
     return row
+
+
+def step_time_ratio(method_runs: dict[int, dict], peer_runs: dict[int, dict]) -> float:
+    """The median over rounds of the method's step time over the peer's in the same round: the two ran minutes
+    apart, so a round that the machine made slow for both cancels out, where a ratio of the two medians keeps
+    it. With a single round it is the plain ratio; without a round both finished, the ratio of the medians."""
+    shared = sorted(method_runs.keys() & peer_runs.keys())
+    if not shared:
+        return (statistics.median(r["step_time_s"] for r in method_runs.values())
+                / statistics.median(r["step_time_s"] for r in peer_runs.values()))
+    return statistics.median(method_runs[i]["step_time_s"] / peer_runs[i]["step_time_s"] for i in shared)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -248,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 quick, 32 otherwise)")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
-    ap.add_argument("--rounds", type=int, default=1, help="run every method this many times, in turn; report medians")
+    ap.add_argument("--rounds", type=int, default=1, help="run every method this many times, in turn; report medians, and "
+                    "step-time ratios as the median of the per-round ratios")
     ap.add_argument("--training-only", action="store_true", help="skip inference and multi-adapter serving timings")
     ap.add_argument("--routing", default=None, help="ETHER methods that also time 8 routed adapters "
                     "(default: all ETHER rows with --quick, ether-n1,etherplus-n1 otherwise)")
@@ -266,7 +280,7 @@ def main(argv: list[str] | None = None) -> None:
         args.method = args.worker
         print(json.dumps(worker(args)))
         return
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, dict[int, dict]] = {}
     for round_index in range(args.rounds):  # methods take turns, so slow drifts of the machine hit all alike
         for method in args.methods.split(","):
             cmd = [sys.executable, __file__, "--worker", method, "--shape", args.shape, "--device", args.device,
@@ -277,14 +291,14 @@ def main(argv: list[str] | None = None) -> None:
             if done.returncode != 0:
                 print(f"{method}: failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else '?'}")
                 continue
-            runs.setdefault(method, []).append(json.loads(done.stdout.strip().splitlines()[-1]))
+            runs.setdefault(method, {})[round_index] = json.loads(done.stdout.strip().splitlines()[-1])
             print(f"{method}: round {round_index + 1} done", flush=True)
     rows = [median_row(method_runs) for method_runs in runs.values()]
     by = {r["method"]: r for r in rows}
     for r in rows:
         for peer, key in (("lora-r4", "lora"), ("hra-r1", "hra"), ("oft", "oft"), ("backward-floor", "floor")):
             if peer in by:
-                r[f"step_time_ratio_to_{key}"] = r["step_time_s"] / by[peer]["step_time_s"]
+                r[f"step_time_ratio_to_{key}"] = step_time_ratio(runs[r["method"]], runs[peer])
         if "lora-r4" in by:
             r["peak_memory_ratio_to_lora"] = r["peak_memory_mb"] / max(by["lora-r4"]["peak_memory_mb"], 1e-9)
     targets = {}
