@@ -30,6 +30,7 @@ import torch
 from peft_methods import add_peft
 
 from ether_diffusion.atomic import atomic_write_text
+from ether_diffusion.runtime import DTYPES
 from ether_diffusion.train.common import adamw
 
 METHODS = ["backward-floor", "ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1",
@@ -66,6 +67,24 @@ def build_unet(shape: str, device: str, dtype: torch.dtype):
     else:
         unet, ctx_len = UNet2DConditionModel(cross_attention_dim=768), 77  # SD-1.5 (diffusers' default is 1280)
     return unet.to(device, dtype).requires_grad_(False), ctx_len
+
+
+def sample_inputs(unet, ctx_len: int, latent: int, device: str, dtype: torch.dtype, batch: int = 1) -> tuple:
+    """Seeded latents, timestep 500 and text context: the same inputs for every method and benchmark."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, latent, latent, generator=g).to(device, dtype)
+    t = torch.full((batch,), 500, device=device)
+    ctx = torch.randn(batch, ctx_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    return x, t, ctx
+
+
+def training_step(model, inputs: tuple, opt: torch.optim.Optimizer):
+    """One timed training step: the output's mean square as the loss, backward, the optimiser's step."""
+    def step():
+        model(*inputs).sample.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
 
 
 def rss_mb() -> float:
@@ -156,23 +175,14 @@ def merge(unet, method: str) -> None:
 
 
 def worker(args) -> dict:
-    device, dtype = args.device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    device, dtype = args.device, DTYPES[args.dtype]
     unet, ctx_len = build_unet(args.shape, device, dtype)
-    g = torch.Generator().manual_seed(1)
-    lat = args.latent
-    x = torch.randn(1, 4, lat, lat, generator=g).to(device, dtype)
-    t = torch.tensor([500], device=device)
-    ctx = torch.randn(1, ctx_len, unet.config.cross_attention_dim, generator=g).to(device, dtype)
+    x, t, ctx = sample_inputs(unet, ctx_len, args.latent, device, dtype)
     forward = lambda: unet(x, t, ctx).sample  # noqa: E731
     attach(unet, args.method)
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = adamw(params, lr=1e-4)  # what the trainers use
-
-    def step():
-        loss = forward().float().square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step = training_step(unet, (x, t, ctx), opt)
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

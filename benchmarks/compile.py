@@ -18,9 +18,10 @@ import time
 from pathlib import Path
 
 import torch
-from adapters import build_unet, timed
+from adapters import build_unet, sample_inputs, timed, training_step
 
 from ether_diffusion.atomic import atomic_write_text
+from ether_diffusion.runtime import DTYPES
 from ether_diffusion.train.common import adamw
 
 METHODS = {"ether-n1": ("ether", "input"), "etherplus-n1": ("etherplus", "both")}
@@ -29,14 +30,11 @@ METHODS = {"ether-n1": ("ether", "input"), "etherplus-n1": ("etherplus", "both")
 def measure(args, method: str) -> dict:
     from ether_diffusion import AdapterConfig, add_adapter
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     unet, ctx_len = build_unet(args.shape, args.device, dtype)
     kind, sides = METHODS[method]
     add_adapter(unet, "a", AdapterConfig(method=kind, sides=sides, targets="attn"))
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(args.batch, 4, args.latent, args.latent, generator=g).to(args.device, dtype)
-    t = torch.full((args.batch,), 500, device=args.device)
-    ctx = torch.randn(args.batch, ctx_len, unet.config.cross_attention_dim, generator=g).to(args.device, dtype)
+    x, t, ctx = sample_inputs(unet, ctx_len, args.latent, args.device, dtype, args.batch)
 
     explained = torch._dynamo.explain(unet)(x, t, ctx)
     row = {"method": method, "graphs": explained.graph_count, "graph_breaks": explained.graph_break_count,
@@ -46,20 +44,13 @@ def measure(args, method: str) -> dict:
     params = [p for p in unet.parameters() if p.requires_grad]
     opt = adamw(params, lr=1e-4)  # what the trainers use
 
-    def step_with(model):
-        def step():
-            model(x, t, ctx).sample.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    row["eager_step_s"] = timed(step_with(unet), args.repeats, 2, args.device)
-    compiled = torch.compile(unet)
+    row["eager_step_s"] = timed(training_step(unet, (x, t, ctx), opt), args.repeats, 2, args.device)
+    compiled_step = training_step(torch.compile(unet), (x, t, ctx), opt)
     start = time.perf_counter()
-    step_with(compiled)()
-    step_with(compiled)()
+    compiled_step()
+    compiled_step()
     row["compile_s"] = time.perf_counter() - start
-    row["compiled_step_s"] = timed(step_with(compiled), args.repeats, 1, args.device)
+    row["compiled_step_s"] = timed(compiled_step, args.repeats, 1, args.device)
     row["compiled_ratio_to_eager"] = row["compiled_step_s"] / row["eager_step_s"]
     return row
 

@@ -18,12 +18,12 @@ import argparse
 import json
 import statistics
 import sys
-import time
 
 import torch
-from adapters import attach, build_unet
+from adapters import attach, build_unet, sample_inputs, timed, training_step
 
 from ether_diffusion.atomic import atomic_write_text
+from ether_diffusion.runtime import DTYPES
 from ether_diffusion.train.common import adamw
 
 
@@ -55,43 +55,24 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     shape = "quick" if args.quick else "sd15"
     latent = args.latent or (16 if args.quick else 32)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+    dtype = DTYPES[args.dtype]
     methods = args.methods.split(",")
 
     first, ctx_len = build_unet(shape, args.device, dtype)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(1, 4, latent, latent, generator=g).to(args.device, dtype)
-    t = torch.tensor([500], device=args.device)
-    ctx = torch.randn(1, ctx_len, first.config.cross_attention_dim, generator=g).to(args.device, dtype)
+    inputs = sample_inputs(first, ctx_len, latent, args.device, dtype)
     steps = {}
     for i, method in enumerate(methods):
         unet = first if i == 0 else sibling(first, shape, args.device, dtype)
         attach(unet, method)
-        opt = adamw([p for p in unet.parameters() if p.requires_grad], lr=1e-4)
-
-        def step(unet=unet, opt=opt):
-            unet(x, t, ctx).sample.float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        steps[method] = step
-
-    def timed(method: str) -> float:
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        steps[method]()
-        if args.device == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t0
+        steps[method] = training_step(unet, inputs, adamw([p for p in unet.parameters() if p.requires_grad], lr=1e-4))
 
     for _ in range(args.warmup):
         for method in methods:
-            timed(method)
+            steps[method]()
     rounds = []
     for r in range(args.rounds):
         order = methods[r % len(methods):] + methods[:r % len(methods)]
-        rounds.append({method: timed(method) for method in order})
+        rounds.append({method: timed(steps[method], 1, 0, args.device) for method in order})
         print(f"round {r + 1}/{args.rounds}: " + " ".join(f"{m} {rounds[-1][m]:.3f}" for m in methods), flush=True)
 
     rows = []
