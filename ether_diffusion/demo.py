@@ -198,6 +198,8 @@ def add_demo_parser(sub) -> None:
     p.add_argument("--class-images", type=int, default=defaults.class_images)
     p.add_argument("--seeds", type=int, default=defaults.seeds, help="images per prompt and model")
     p.add_argument("--sampling-steps", type=int, default=defaults.sampling_steps)
+    p.add_argument("--seed", type=int, default=defaults.seed,
+                   help="seeds the instance placements, class pictures, training and sampling (default: 0)")
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     add_device_arguments(p)
     p.set_defaults(func=cmd_demo)
@@ -208,7 +210,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
                             train_text_encoder=args.train_text_encoder,
                             max_steps=args.max_steps, learning_rate=args.learning_rate,
                             class_images=args.class_images, seeds=args.seeds, sampling_steps=args.sampling_steps,
-                            device=args.device, dtype=args.dtype)
+                            seed=args.seed, device=args.device, dtype=args.dtype)
     report = run_demo(settings)
     out = Path(settings.out).resolve()
     b, a = report["base"], report["adapted"]

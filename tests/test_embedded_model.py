@@ -61,3 +61,17 @@ def test_full_demo_learns_the_subject_in_new_contexts(tmp_path):
     assert report["base"]["subject_match_rate"] <= 0.1
     assert report["adapted"]["subject_match_rate"] >= 0.8 and report["adapted"]["prompt_fidelity"] >= 0.9, report
     assert report["adapted"]["class_drift"] <= 0.2
+
+
+def test_demo_command_passes_subject_and_seed_through(tmp_path, monkeypatch, capsys):
+    """`ether-diffusion demo --subject S --seed N` reaches the demo's settings (the figures differ by seed)."""
+    from ether_diffusion import demo
+    from ether_diffusion.cli import main
+
+    seen = []
+    scores = {"subject_match_rate": 0.0, "prompt_fidelity": 0.0, "class_drift": 0.0}
+    monkeypatch.setattr(demo, "run_demo", lambda s: seen.append(s) or {"base": scores, "adapted": scores,
+                                                                     "seconds": {"total": 0.0}})
+    assert main(["demo", "--out", str(tmp_path), "--subject", "core-triangle", "--seed", "2"]) in (0, None)
+    assert (seen[0].subject, seen[0].seed, seen[0].out) == ("core-triangle", 2, str(tmp_path))
+    assert "subject match rate" in capsys.readouterr().out
