@@ -43,7 +43,7 @@ def test_demo_reduced_mode_writes_everything(tmp_path):
         assert 0.0 <= scores["subject_fidelity"] <= 1.0 and scores["images"] == prompts
         assert {"subject_match_rate", "prompt_fidelity", "class_drift"} <= scores.keys()
     captions = sorted((out / "instance").glob("*.txt"))
-    assert captions and all("sks striped circle" in c.read_text() for c in captions)
+    assert captions and all("sks ringed triangle" in c.read_text() for c in captions)
 
 
 def test_short_dreambooth_run_raises_subject_fidelity_over_the_base(tmp_path):
@@ -53,8 +53,9 @@ def test_short_dreambooth_run_raises_subject_fidelity_over_the_base(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="the adapted subject's bands are right in colour and direction but often not in count "
-                          "or phase; measured demo: subject match 0.29, see docs/demo-report.md", strict=False)
+@pytest.mark.xfail(reason="the adapted triangle is orange with a blue core, but the core is often too small or a "
+                          "third ring; measured demo: subject match 0.57 (0.45 over four seeds), prompt fidelity "
+                          "0.82, see docs/demo-report.md", strict=False)
 def test_full_demo_learns_the_subject_in_new_contexts(tmp_path):
     """The demo's targets: adapted match ≥ 0.8 and prompt fidelity ≥ 0.9, base match ≤ 0.1, class drift ≤ 0.2."""
     report = run_demo(DemoSettings(out=str(tmp_path / "full")))
