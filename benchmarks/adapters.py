@@ -69,6 +69,17 @@ def build_unet(shape: str, device: str, dtype: torch.dtype):
     return unet.to(device, dtype).requires_grad_(False), ctx_len
 
 
+def add_unet_arguments(ap: argparse.ArgumentParser) -> None:
+    """--device, --dtype and --latent, as every UNet benchmark takes them; `latent_size` fills the default."""
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="fp32", choices=list(DTYPES))
+    ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 quick, 32 sd15)")
+
+
+def latent_size(shape: str, latent: int | None) -> int:
+    return latent or (16 if shape == "quick" else 32)
+
+
 def sample_inputs(unet, ctx_len: int, latent: int, device: str, dtype: torch.dtype, batch: int = 1) -> tuple:
     """Seeded latents, timestep 500 and text context: the same inputs for every method and benchmark."""
     g = torch.Generator().manual_seed(1)
@@ -266,9 +277,7 @@ def step_time_ratio(method_runs: dict[int, dict], peer_runs: dict[int, dict]) ->
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="toy-world UNet at 16×16 latents, few repeats")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 quick, 32 otherwise)")
+    add_unet_arguments(ap)
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--rounds", type=int, default=1, help="run every method this many times, in turn; report medians, and "
@@ -281,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--shape", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.shape = args.shape or ("quick" if args.quick else "sd15")
-    args.latent = args.latent or (16 if args.shape == "quick" else 32)
+    args.latent = latent_size(args.shape, args.latent)
     args.repeats = args.repeats or (5 if args.shape == "quick" else 3)
     if args.routing is None:
         ether_rows = [m for m in METHODS if m.startswith("ether")]

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from adapters import build_unet, sample_inputs, timed, training_step
+from adapters import add_unet_arguments, build_unet, latent_size, sample_inputs, timed, training_step
 
 from ether_diffusion.atomic import atomic_write_text
 from ether_diffusion.runtime import DTYPES
@@ -58,15 +58,13 @@ def measure(args, method: str) -> dict:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="quick", choices=["quick", "sd15"])
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 quick, 32 sd15)")
+    add_unet_arguments(ap)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    args.latent = args.latent or (16 if args.shape == "quick" else 32)
+    args.latent = latent_size(args.shape, args.latent)
     rows = [measure(args, method) for method in args.methods.split(",")]
     print(f"\nshape={args.shape} latent={args.latent} device={args.device} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} torch={torch.__version__}")

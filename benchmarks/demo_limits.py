@@ -23,6 +23,7 @@ import torch
 
 from ether_diffusion import demo
 from ether_diffusion.atomic import atomic_write_text
+from ether_diffusion.lpips import to_tensor
 from ether_diffusion.pipelines import load_ether_weights, load_pipeline
 from ether_diffusion.toyworld import checker, world
 
@@ -35,18 +36,17 @@ def codec_round_trip(pipe, subject: str, pictures: int, seed: int) -> list[dict]
             rendered, decoded = [], []
             for _ in range(pictures):
                 image = world.render(world.subject_scene(rng, subject, background=background, size=size))
-                x = torch.from_numpy(np.asarray(image, np.float32) / 127.5 - 1).permute(2, 0, 1)[None]
                 with torch.no_grad():
-                    y = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mean).sample[0]
+                    y = pipe.vae.decode(pipe.vae.encode(to_tensor(image)).latent_dist.mean).sample[0]
                 y = ((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
                 rendered.append(checker.subject_similarity(image, subject))
                 decoded.append(checker.subject_similarity(y, subject))
-            rows.append({"size": size, "background": background, "render_fidelity": float(np.mean(rendered)),
-                         "reconstruction_fidelity": float(np.mean(decoded)),
-                         "reconstructions_matching": sum(v >= checker.SUBJECT_MATCH for v in decoded),
-                         "pictures": pictures})
-            print(f"codec {size:5s} {background:5s} render {rows[-1]['render_fidelity']:.2f}  reconstruction "
-                  f"{rows[-1]['reconstruction_fidelity']:.2f}  matching {rows[-1]['reconstructions_matching']}/{pictures}")
+            row = {"size": size, "background": background, "render_fidelity": float(np.mean(rendered)),
+                   "reconstruction_fidelity": float(np.mean(decoded)),
+                   "reconstructions_matching": sum(v >= checker.SUBJECT_MATCH for v in decoded), "pictures": pictures}
+            rows.append(row)
+            print(f"codec {size:5s} {background:5s} render {row['render_fidelity']:.2f}  reconstruction "
+                  f"{row['reconstruction_fidelity']:.2f}  matching {row['reconstructions_matching']}/{pictures}")
     return rows
 
 

@@ -20,7 +20,7 @@ import statistics
 import sys
 
 import torch
-from adapters import attach, build_unet, sample_inputs, timed, training_step
+from adapters import add_unet_arguments, attach, build_unet, latent_size, sample_inputs, timed, training_step
 
 from ether_diffusion.atomic import atomic_write_text
 from ether_diffusion.runtime import DTYPES
@@ -45,16 +45,14 @@ def quartiles(values: list[float]) -> tuple[float, float, float]:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the embedded UNet at 16×16 latents")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    ap.add_argument("--latent", type=int, default=None, help="latent size (default 16 quick, 32 otherwise)")
+    add_unet_arguments(ap)
     ap.add_argument("--methods", default="backward-floor,ether-n1,etherplus-n1,lora-r4")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each method first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     shape = "quick" if args.quick else "sd15"
-    latent = args.latent or (16 if args.quick else 32)
+    latent = latent_size(shape, args.latent)
     dtype = DTYPES[args.dtype]
     methods = args.methods.split(",")
 
