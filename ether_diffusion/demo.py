@@ -38,7 +38,7 @@ class DemoSettings:
     train_text_encoder: bool = True  # the identifier's colour lives in the text encoder: adapt it too
     instance_images: int = 5
     class_images: int = 16
-    max_steps: int = 1400  # the paper's DreamBooth budget; striped circle: match 0.29 here, 0.04 at 600 steps
+    max_steps: int = 1400  # the paper's DreamBooth budget; striped circle on base 2.2: match 0.29 here, 0.04 at 600
     learning_rate: float = 6e-3
     seeds: int = 4
     sampling_steps: int = 20
