@@ -1,7 +1,8 @@
 """What limits the demo's subject match: the codec, or the sampling settings?
 
-    python benchmarks/demo_limits.py [--subject striped-circle] [--adapter ether-demo/ether_adapter.safetensors]
-        [--guidance 3,5,7.5,10,15] [--steps 20,50] [--out docs/benchmarks/demo-limits.json]
+    python benchmarks/demo_limits.py [--base MODEL] [--subject striped-circle]
+        [--adapter ether-demo/ether_adapter.safetensors] [--guidance 3,5,7.5,10,15] [--steps 20,50]
+        [--out docs/benchmarks/demo-limits.json]
 
 Codec: renders the subject in every (size, background) context, passes each picture through the embedded VAE
 (encode to the posterior mean, decode) and scores render and reconstruction with the exact-instance checker, so
@@ -37,8 +38,8 @@ def codec_round_trip(pipe, subject: str, pictures: int, seed: int) -> list[dict]
             for _ in range(pictures):
                 image = world.render(world.subject_scene(rng, subject, background=background, size=size))
                 with torch.no_grad():
-                    y = pipe.vae.decode(pipe.vae.encode(to_tensor(image)).latent_dist.mean).sample[0]
-                y = ((y.permute(1, 2, 0).clamp(-1, 1) + 1) * 127.5).round().byte().numpy()
+                    y = pipe.vae.decode(pipe.vae.encode(to_tensor(image)).latent_dist.mean).sample
+                y = pipe.image_processor.postprocess(y, output_type="pil")[0]  # as generated pictures are made
                 rendered.append(checker.subject_similarity(image, subject))
                 decoded.append(checker.subject_similarity(y, subject))
             row = {"size": size, "background": background, "render_fidelity": float(np.mean(rendered)),
@@ -64,6 +65,7 @@ def sampling_sweep(pipe, subject: str, guidances: list[float], steps: list[int])
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--base", default=None, help="pipeline folder (default: the embedded model)")
     ap.add_argument("--subject", default=demo.DemoSettings.subject, choices=list(world.SUBJECTS))
     ap.add_argument("--adapter", type=Path, default=None, help="a trained demo adapter for the sampling sweep")
     ap.add_argument("--guidance", default="3,5,7.5,10,15")
@@ -72,8 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
-    pipe = load_pipeline(None)
-    result = {"subject": args.subject, "codec": codec_round_trip(pipe, args.subject, args.pictures, args.seed)}
+    pipe = load_pipeline(args.base)
+    result = {"base": args.base or "embedded", "subject": args.subject, "codec": codec_round_trip(pipe, args.subject, args.pictures, args.seed)}
     if args.adapter:
         load_ether_weights(pipe, args.adapter)
         result["adapter"] = str(args.adapter)
