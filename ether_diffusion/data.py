@@ -105,8 +105,13 @@ def prepare(image: Image.Image, resolution: int, *, center_crop: bool, flip: boo
     image = image.crop((left, top, left + resolution, top + resolution))
     if flip and bool(torch.rand(1, generator=generator) < 0.5):
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    arr = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+    return image_to_tensor(image)
+
+
+def image_to_tensor(image: Image.Image) -> torch.Tensor:
+    """An RGB picture as a 3×H×W float tensor in [-1, 1], the range the VAE encodes and decodes."""
+    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
+    return torch.from_numpy(array).permute(2, 0, 1).contiguous()
 
 
 @dataclass

@@ -17,11 +17,11 @@ import itertools
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from torch import nn
 
+from .data import image_to_tensor
 from .errors import EtherError
 
 ALEXNET_FILE = "alexnet-owt-7be5be79.pth"
@@ -106,8 +106,7 @@ def locate(folder: str | Path | None = None) -> tuple[Path, Path]:
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """A PIL picture as a 1×3×H×W tensor in [-1, 1]."""
-    array = np.asarray(image.convert("RGB"), dtype=np.float32) / 127.5 - 1.0
-    return torch.from_numpy(array).permute(2, 0, 1)[None]
+    return image_to_tensor(image)[None]
 
 
 @torch.no_grad()

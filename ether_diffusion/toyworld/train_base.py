@@ -21,12 +21,12 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write, atomic_write_text
+from ..data import image_to_tensor
 from . import world
 from .base_model import scheduler_config, text_encoder_config, unet_config, vae_config
 from .tokenizer import IDENTIFIER_TOKENS, write_tokenizer
@@ -34,16 +34,11 @@ from .tokenizer import IDENTIFIER_TOKENS, write_tokenizer
 CFG_DROPOUT = 0.1
 
 
-def to_tensor(images: list) -> torch.Tensor:
-    arr = np.stack([np.asarray(im, dtype=np.float32) for im in images]) / 127.5 - 1.0
-    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
 def render_pool(n: int, seed: int, pattern_weights: dict[str, float] | None = None) -> tuple[list[world.Scene], torch.Tensor]:
     """n seeded scenes of the base world (solid and patterned objects) and their pictures."""
     rng = random.Random(seed)
     scenes = [world.random_world_scene(rng, pattern_weights) for _ in range(n)]
-    return scenes, to_tensor([world.render(s) for s in tqdm(scenes, desc="render", leave=False)])
+    return scenes, torch.stack([image_to_tensor(world.render(s)) for s in tqdm(scenes, desc="render", leave=False)])
 
 
 def parse_pattern_weights(ap: argparse.ArgumentParser, items: list[str]) -> dict[str, float] | None:
