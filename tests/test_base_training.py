@@ -56,3 +56,43 @@ def test_grow_unet_adds_attention_as_an_identity_and_refuses_other_changes():
     assert grown.get_submodule("down_blocks.0.attentions.0").proj_out.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="cannot grow"):
         grow_unet(small, grown.state_dict())  # tensors the target has no place for
+
+
+def test_grow_unet_adds_transformer_layers_as_identities():
+    import torch
+    from diffusers import UNet2DConditionModel
+
+    from ether_diffusion.toyworld.train_base import grow_unet
+
+    def unet(layers):
+        return UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                                    block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D",) * 2,
+                                    up_block_types=("CrossAttnUpBlock2D",) * 2, cross_attention_dim=32,
+                                    attention_head_dim=8, norm_num_groups=16, transformer_layers_per_block=layers)
+
+    torch.manual_seed(0)
+    small, deep = unet(1), unet(2)
+    new = grow_unet(deep, small.state_dict())
+    assert len(new) == 7 and all(name.endswith(".transformer_blocks.1") for name in new)  # 2 down, 4 up, 1 mid
+    x, t, ctx = torch.randn(2, 4, 8, 8), torch.tensor([10, 700]), torch.randn(2, 5, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(deep(x, t, ctx).sample, small(x, t, ctx).sample)
+    deep(x, t, ctx).sample.square().mean().backward()
+    layer = deep.get_submodule(new[0])
+    assert all(m.weight.grad.abs().sum() > 0 for m in (layer.attn1.to_out[0], layer.attn2.to_out[0], layer.ff.net[2]))
+
+
+def test_min_snr_loss_weights_each_sample_by_its_clamped_snr():
+    import torch
+    import torch.nn.functional as F
+
+    from ether_diffusion.toyworld.train_base import diffusion_loss
+
+    torch.manual_seed(0)
+    pred, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
+    alphas_cumprod = torch.tensor([0.999, 0.9, 0.5, 0.01])  # SNR 999, 9, 1, ~0.0101
+    t = torch.tensor([0, 1, 3])
+    torch.testing.assert_close(diffusion_loss(pred, noise, t, alphas_cumprod), F.mse_loss(pred, noise))
+    per_sample = [F.mse_loss(pred[i], noise[i]).item() for i in range(3)]
+    expected = (per_sample[0] * 5 / 999 + per_sample[1] * 5 / 9 + per_sample[2] * 1.0) / 3
+    assert abs(diffusion_loss(pred, noise, t, alphas_cumprod, min_snr_gamma=5.0).item() - expected) < 1e-5

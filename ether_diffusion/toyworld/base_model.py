@@ -30,7 +30,8 @@ def vae_config() -> dict:
     )
 
 
-def unet_config() -> dict:
+def unet_config(transformer_layers: int = 1) -> dict:
+    """The UNet's architecture; `transformer_layers` stacks that many transformer layers in every attention block."""
     return dict(
         sample_size=16,
         in_channels=4,
@@ -44,6 +45,7 @@ def unet_config() -> dict:
         cross_attention_dim=CROSS_ATTENTION_DIM,
         attention_head_dim=8,
         norm_num_groups=32,
+        transformer_layers_per_block=transformer_layers,
     )
 
 

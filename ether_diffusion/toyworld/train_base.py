@@ -135,21 +135,47 @@ def transfer_text_encoder(old, old_tokenizer, new, new_tokenizer) -> int:
 
 @torch.no_grad()
 def grow_unet(unet, state: dict) -> list[str]:
-    """Load a smaller UNet's weights into one with attention blocks the smaller one lacks, as an identity.
+    """Load a smaller UNet's weights into one with attention the smaller one lacks, as an identity.
 
-    Every tensor of `state` must fit; the UNet's own tensors missing from it may only belong to attention blocks,
-    whose output projections are zeroed, so the grown UNet computes exactly what the smaller one did and training
-    continues from there. Returns the names of the new blocks.
+    Every tensor of `state` must fit; the UNet's own tensors missing from it may only belong to attention: whole
+    attention blocks, whose output projections are zeroed, or extra transformer layers inside an existing block
+    (a deeper `transformer_layers_per_block`), whose residual branches (self-attention, cross-attention and
+    feed-forward outputs) are zeroed. So the grown UNet computes exactly what the smaller one did and training
+    continues from there. Returns the names of the new blocks and layers.
     """
     missing, unexpected = unet.load_state_dict(state, strict=False)
-    blocks = sorted({re.match(r"(.*?\.attentions\.\d+)\.", key)[1] for key in missing if ".attentions." in key})
     strays = [key for key in missing if ".attentions." not in key]
     if unexpected or strays:
         raise ValueError(f"cannot grow this UNet: unexpected {unexpected[:3]}, missing outside attention {strays[:3]}")
-    for name in blocks:
-        unet.get_submodule(name).proj_out.weight.zero_()
-        unet.get_submodule(name).proj_out.bias.zero_()
-    return blocks
+    new = []
+    for name in sorted({re.match(r"(.*?\.attentions\.\d+)\.", key)[1] for key in missing}):
+        block = unet.get_submodule(name)
+        if f"{name}.proj_out.weight" in missing:  # the whole block is new
+            branches = [block.proj_out]
+            new.append(name)
+        else:  # new transformer layers inside a block the smaller UNet had
+            layers = sorted({int(re.match(rf"{re.escape(name)}\.transformer_blocks\.(\d+)\.", key)[1])
+                             for key in missing if key.startswith(f"{name}.")})
+            branches = [m for i in layers for m in (block.transformer_blocks[i].attn1.to_out[0],
+                                                     block.transformer_blocks[i].attn2.to_out[0],
+                                                     block.transformer_blocks[i].ff.net[2])]
+            new += [f"{name}.transformer_blocks.{i}" for i in layers]
+        for layer in branches:
+            layer.weight.data.zero_()
+            layer.bias.data.zero_()
+    return new
+
+
+def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   min_snr_gamma: float | None = None) -> torch.Tensor:
+    """Noise-prediction MSE; with `min_snr_gamma`, each sample weighted by min(SNR_t, gamma) / SNR_t (Hang et al.,
+    Min-SNR weighting, for epsilon prediction) so that nearly noise-free timesteps stop dominating the gradient."""
+    per_sample = (pred.float() - noise.float()).square().mean(dim=tuple(range(1, pred.ndim)))
+    if min_snr_gamma is not None:
+        ac = alphas_cumprod.to(t.device)[t].float()
+        snr = ac / (1 - ac)
+        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
+    return per_sample.mean()
 
 
 def unet_lr(peak: float, step: int, total: int) -> float:
@@ -185,6 +211,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--pattern-weight", action="append", default=[], metavar="KIND=W",
                     help="show patterned objects of KIND W times as often as the other kinds in the UNet's pool "
                          f"(repeatable; kinds: {', '.join(world.PATTERNS[1:])}), e.g. checker=3 for the hardest kind")
+    ap.add_argument("--transformer-layers", type=int, default=1,
+                    help="transformer layers per attention block; with --init-from a smaller UNet, the extra layers "
+                         "start as identities")
+    ap.add_argument("--min-snr-gamma", type=float, default=None,
+                    help="weight each sample's loss by min(SNR, gamma) / SNR (Min-SNR weighting, e.g. 5): less "
+                         "effort on nearly clean timesteps, more on the noisy ones where layout and pattern are set")
     args = ap.parse_args(argv)
     pattern_weights = parse_pattern_weights(ap, args.pattern_weight)
 
@@ -223,7 +255,7 @@ def main(argv: list[str] | None = None) -> None:
     log({"stage": "latents", "scaling_factor": scaling, "vae_recon_mse": vae_mse})
     vae.register_to_config(scaling_factor=scaling)
 
-    unet = UNet2DConditionModel(**unet_config())
+    unet = UNet2DConditionModel(**unet_config(args.transformer_layers))
     text_encoder = CLIPTextModel(CLIPTextConfig(**text_encoder_config()))
     if init is not None:
         grown = grow_unet(unet, init.unet.state_dict())
@@ -261,7 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         for group in opt.param_groups:
             group["lr"] = unet_lr(args.lr, step, args.unet_steps)
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        loss = F.mse_loss(pred, noise)
+        loss = diffusion_loss(pred, noise, t, noise_scheduler.alphas_cumprod, args.min_snr_gamma)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
