@@ -52,8 +52,9 @@ def codec_round_trip(pipe, subject: str, pictures: int, seed: int) -> list[dict]
 
 
 def sampling_sweep(pipe, subject: str, guidances: list[float], steps: list[int]) -> list[dict]:
+    """The adapted model's scores over guidance scales (at the first step count) and over step counts."""
     base = demo.DemoSettings(subject=subject)
-    cases = [(g, base.sampling_steps) for g in guidances] + [(base.guidance, s) for s in steps]
+    cases = [(g, steps[0]) for g in guidances] + [(base.guidance, s) for s in steps]
     rows = []
     for guidance, n in dict.fromkeys(cases):
         scores, _ = demo.score(pipe, replace(base, guidance=guidance, sampling_steps=n), adapted=True)
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--subject", default=demo.DemoSettings.subject, choices=list(world.SUBJECTS))
     ap.add_argument("--adapter", type=Path, default=None, help="a trained demo adapter for the sampling sweep")
     ap.add_argument("--guidance", default="3,5,7.5,10,15")
-    ap.add_argument("--steps", default="20,50")
+    ap.add_argument("--steps", default="20,50", help="solver step counts; guidance is swept at the first")
     ap.add_argument("--pictures", type=int, default=8, help="codec pictures per context")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
