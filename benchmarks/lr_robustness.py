@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=DemoSettings.max_steps)
     ap.add_argument("--class-images", type=int, default=DemoSettings.class_images)
     ap.add_argument("--seeds", type=int, default=DemoSettings.seeds, help="images per prompt")
+    ap.add_argument("--sampling-steps", type=int, default=DemoSettings.sampling_steps,
+                    help="solver steps for the class pictures and the evaluation")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--plot", type=Path, default=None)
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     rows, bases = [], {}
     for subject in subjects:
         settings = DemoSettings(base=args.base, subject=subject, seeds=args.seeds, train_text_encoder=False,
-                                seed=args.seed)
+                                seed=args.seed, sampling_steps=args.sampling_steps)
         with tempfile.TemporaryDirectory() as tmp:
             folders = {"instance": Path(tmp) / "instance", "class": Path(tmp) / "class", "runs": Path(tmp) / "runs"}
             render_instances(settings, folders["instance"])
