@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     pipe = load_pipeline(args.base)
-    result = {"base": args.base or "embedded", "subject": args.subject, "codec": codec_round_trip(pipe, args.subject, args.pictures, args.seed)}
+    result = {"base": args.base or "embedded", "subject": args.subject,
+              "codec": codec_round_trip(pipe, args.subject, args.pictures, args.seed)}
     if args.adapter:
         load_ether_weights(pipe, args.adapter)
         result["adapter"] = str(args.adapter)

@@ -83,16 +83,20 @@ def test_grow_unet_adds_transformer_layers_as_identities():
 
 
 def test_min_snr_loss_weights_each_sample_by_its_clamped_snr():
+    """The base trainer's --min-snr-gamma loss (the shared training pieces) on an epsilon-prediction schedule."""
+    from types import SimpleNamespace
+
     import torch
     import torch.nn.functional as F
 
-    from ether_diffusion.toyworld.train_base import diffusion_loss
+    from ether_diffusion.train.common import diffusion_loss, min_snr_weights
 
     torch.manual_seed(0)
     pred, noise = torch.randn(3, 4, 2, 2), torch.randn(3, 4, 2, 2)
-    alphas_cumprod = torch.tensor([0.999, 0.9, 0.5, 0.01])  # SNR 999, 9, 1, ~0.0101
+    scheduler = SimpleNamespace(alphas_cumprod=torch.tensor([0.999, 0.9, 0.5, 0.01]),  # SNR 999, 9, 1, ~0.0101
+                                config=SimpleNamespace(prediction_type="epsilon"))
     t = torch.tensor([0, 1, 3])
-    torch.testing.assert_close(diffusion_loss(pred, noise, t, alphas_cumprod), F.mse_loss(pred, noise))
+    torch.testing.assert_close(diffusion_loss(pred, noise).mean(), F.mse_loss(pred, noise))
     per_sample = [F.mse_loss(pred[i], noise[i]).item() for i in range(3)]
     expected = (per_sample[0] * 5 / 999 + per_sample[1] * 5 / 9 + per_sample[2] * 1.0) / 3
-    assert abs(diffusion_loss(pred, noise, t, alphas_cumprod, min_snr_gamma=5.0).item() - expected) < 1e-5
+    assert abs(diffusion_loss(pred, noise, min_snr_weights(scheduler, t, 5.0)).mean().item() - expected) < 1e-5

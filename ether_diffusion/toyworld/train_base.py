@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write, atomic_write_text
 from ..data import image_to_tensor
+from ..train.common import diffusion_loss, min_snr_weights
 from . import world
 from .base_model import scheduler_config, text_encoder_config, unet_config, vae_config
 from .tokenizer import IDENTIFIER_TOKENS, write_tokenizer
@@ -161,21 +162,9 @@ def grow_unet(unet, state: dict) -> list[str]:
                                                      block.transformer_blocks[i].ff.net[2])]
             new += [f"{name}.transformer_blocks.{i}" for i in layers]
         for layer in branches:
-            layer.weight.data.zero_()
-            layer.bias.data.zero_()
+            layer.weight.zero_()
+            layer.bias.zero_()
     return new
-
-
-def diffusion_loss(pred: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-                   min_snr_gamma: float | None = None) -> torch.Tensor:
-    """Noise-prediction MSE; with `min_snr_gamma`, each sample weighted by min(SNR_t, gamma) / SNR_t (Hang et al.,
-    Min-SNR weighting, for epsilon prediction) so that nearly noise-free timesteps stop dominating the gradient."""
-    per_sample = (pred.float() - noise.float()).square().mean(dim=tuple(range(1, pred.ndim)))
-    if min_snr_gamma is not None:
-        ac = alphas_cumprod.to(t.device)[t].float()
-        snr = ac / (1 - ac)
-        per_sample = per_sample * snr.clamp(max=min_snr_gamma) / snr
-    return per_sample.mean()
 
 
 def unet_lr(peak: float, step: int, total: int) -> float:
@@ -293,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
         for group in opt.param_groups:
             group["lr"] = unet_lr(args.lr, step, args.unet_steps)
         pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        loss = diffusion_loss(pred, noise, t, noise_scheduler.alphas_cumprod, args.min_snr_gamma)
+        weights = min_snr_weights(noise_scheduler, t, args.min_snr_gamma) if args.min_snr_gamma else None
+        loss = diffusion_loss(pred, noise, weights).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
