@@ -100,3 +100,74 @@ def test_min_snr_loss_weights_each_sample_by_its_clamped_snr():
     per_sample = [F.mse_loss(pred[i], noise[i]).item() for i in range(3)]
     expected = (per_sample[0] * 5 / 999 + per_sample[1] * 5 / 9 + per_sample[2] * 1.0) / 3
     assert abs(diffusion_loss(pred, noise, min_snr_weights(scheduler, t, 5.0)).mean().item() - expected) < 1e-5
+
+
+def test_reconstruction_loss_weights_object_pixels():
+    import torch
+
+    from ether_diffusion.toyworld.train_base import reconstruction_loss
+
+    target = torch.full((1, 3, 8, 8), 1.0)  # a white background ...
+    target[:, :, 2:4, 2:4] = -1.0  # ... with a 2×2 black object
+    recon = target.clone()
+    recon[:, :, 2:4, 2:4] += 0.5  # wrong on the object only
+    plain = reconstruction_loss(recon, target)
+    torch.testing.assert_close(plain, torch.tensor(4 / 64 * (0.25 + 0.5 * 0.5)))
+    torch.testing.assert_close(reconstruction_loss(recon, target, object_weight=4.0), 5 * plain)
+    background_error = target.clone()
+    background_error[:, :, 6:, 6:] -= 0.5  # the same error on the background is not weighted
+    torch.testing.assert_close(reconstruction_loss(background_error, target, object_weight=4.0), plain)
+
+
+def test_codec_fidelity_of_a_lossless_codec_is_the_rendered_score():
+    """With an identity codec, the decoded pictures are the renders: same scores, every subject matching."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from ether_diffusion.toyworld import world
+    from ether_diffusion.toyworld.evaluate import codec_fidelity
+
+    class Lossless:
+        device, dtype = torch.device("cpu"), torch.float32
+
+        def encode(self, x):
+            return SimpleNamespace(latent_dist=SimpleNamespace(mean=x))
+
+        def decode(self, z):
+            return SimpleNamespace(sample=z)
+
+    result = codec_fidelity(Lossless(), n=2)
+    assert set(result) == set(world.SUBJECTS)
+    for contexts in result.values():
+        assert len(contexts) == len(world.SIZES) * len(world.BACKGROUNDS)
+        for row in contexts.values():
+            assert abs(row["decoded"] - row["rendered"]) < 1e-3 and row["decoded_matches"] == 2
+
+
+def test_tune_decoder_changes_only_the_decoder_and_resumes_exactly(tmp_path):
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from ether_diffusion.toyworld.base_model import EMBEDDED_MODEL_DIR
+    from ether_diffusion.toyworld.tune_decoder import main as tune_decoder
+
+    out = tmp_path / "dec"
+    args = ["--base", str(EMBEDDED_MODEL_DIR), "--out", str(out), "--steps", "3", "--pool", "8", "--batch-size", "2",
+            "--checkpointing-steps", "2", "--eval-images", "1", "--lr", "1e-3"]
+    tune_decoder(args)
+    base = StableDiffusionPipeline.from_pretrained(EMBEDDED_MODEL_DIR, local_files_only=True)
+    first = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True)
+    for name in ("unet", "text_encoder"):
+        for (key, a), b in zip(getattr(base, name).state_dict().items(), getattr(first, name).state_dict().values()):
+            assert torch.equal(a, b), f"{name}.{key} changed"
+    vae_base, vae_first = base.vae.state_dict(), first.vae.state_dict()
+    frozen = [k for k in vae_base if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(vae_base[k], vae_first[k]) for k in frozen)
+    assert any(not torch.equal(vae_base[k], vae_first[k]) for k in vae_base if k.startswith("decoder."))
+    record = json.loads((out / "pipeline" / "TRAINING.json").read_text())["decoder_tuning"]
+    assert set(record["codec_fidelity_after"]) == set(record["codec_fidelity_before"])
+    # started again, the run continues from its step-2 checkpoint and ends where the first one did
+    tune_decoder(args)
+    again = StableDiffusionPipeline.from_pretrained(out / "pipeline", local_files_only=True).vae.state_dict()
+    assert all(torch.equal(vae_first[k], again[k]) for k in vae_first)

@@ -62,36 +62,71 @@ def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def train_vae(vae, images: torch.Tensor, steps: int, seed: int, log, ckpt_path: Path, peak_lr: float = 2e-3) -> None:
-    """Reconstruction + tiny KL on random 32×32 crops, cosine-decayed LR; resumable from `ckpt_path`."""
-    opt = torch.optim.AdamW(vae.parameters(), lr=peak_lr, weight_decay=0.0)
-    start = 0
-    if ckpt_path.exists():
-        ck = torch.load(ckpt_path, weights_only=True)
-        vae.load_state_dict(ck["vae"])
-        opt.load_state_dict(ck["opt"])
-        start = int(ck["step"])
-    bar = tqdm(desc="vae", total=steps, initial=start, unit="step")
+def codec_lr(peak: float, step: int, total: int) -> float:
+    """Cosine decay from `peak` to 5% of it over the run: sharper reconstructions at the end."""
+    return 0.05 * peak + 0.95 * peak * 0.5 * (1 + math.cos(math.pi * step / total))
+
+
+def reconstruction_loss(recon: torch.Tensor, target: torch.Tensor, object_weight: float = 0.0) -> torch.Tensor:
+    """L2 + ½·L1 between pictures in [-1, 1]; with `object_weight` w, pixels that differ from the picture's
+    background (its top-left pixel; toy-world backgrounds are flat) count 1 + w times: a small object covers a
+    few percent of the picture, and an unweighted loss is mostly about the plain background."""
+    error = recon - target
+    if not object_weight:
+        return error.pow(2).mean() + 0.5 * error.abs().mean()
+    on_object = (target - target[:, :, :1, :1]).abs().amax(1, keepdim=True) > 0.1
+    weight = 1 + object_weight * on_object.to(error.dtype)
+    return (error.pow(2) * weight).mean() + 0.5 * (error.abs() * weight).mean()
+
+
+def resume_codec(vae, opt: torch.optim.Optimizer, ckpt_path: Path) -> int:
+    """Load a codec run's checkpoint (VAE and optimiser) if there is one; returns the step to continue from."""
+    if not ckpt_path.exists():
+        return 0
+    ck = torch.load(ckpt_path, weights_only=True)
+    vae.load_state_dict(ck["vae"])
+    opt.load_state_dict(ck["opt"])
+    return int(ck["step"])
+
+
+def train_codec(vae, opt: torch.optim.Optimizer, batch_loss, steps: int, seed: int, peak_lr: float, log, stage: str,
+                ckpt_path: Path, checkpointing_steps: int = 250) -> None:
+    """The codec's training loop, shared by the VAE stage and the decoder tuning: `batch_loss(generator)` draws a
+    batch and returns its loss; the LR is cosine-decayed (`codec_lr`); every step's generator is seeded by
+    (seed, step) and a checkpoint is written every `checkpointing_steps`, so a restarted run resumes exactly."""
+    start = resume_codec(vae, opt, ckpt_path)
+    t0 = time.time()
+    bar = tqdm(desc=stage, total=steps, initial=start, unit="step")
     for step in range(start, steps):
         g = torch.Generator().manual_seed(seed * 100_003 + step)
-        for group in opt.param_groups:  # cosine decay: sharper reconstructions at the end
-            group["lr"] = 0.05 * peak_lr + 0.95 * peak_lr * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = torch.randint(0, len(images), (32,), generator=g)
-        oy, ox = (int(v) for v in torch.randint(0, 33, (2,), generator=g))
-        x = images[idx, :, oy : oy + 32, ox : ox + 32]
-        post = vae.encode(x).latent_dist
-        recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g)).sample
-        loss = F.mse_loss(recon, x) + 0.5 * F.l1_loss(recon, x) + 1e-6 * post.kl().mean()
+        for group in opt.param_groups:
+            group["lr"] = codec_lr(peak_lr, step, steps)
+        loss = batch_loss(g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if (step + 1) % 100 == 0:
-            log({"stage": "vae", "step": step + 1, "loss": loss.item()})
-        if (step + 1) % 250 == 0:
+            log({"stage": stage, "step": step + 1, "loss": loss.item(), "seconds": round(time.time() - t0, 1)})
+        if (step + 1) % checkpointing_steps == 0:
             save_checkpoint(ckpt_path, {"vae": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
     bar.close()
+
+
+def train_vae(vae, images: torch.Tensor, steps: int, seed: int, log, ckpt_path: Path, peak_lr: float = 2e-3) -> None:
+    """Reconstruction + tiny KL on random 32×32 crops, cosine-decayed LR; resumable from `ckpt_path`."""
+
+    def batch_loss(g: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(0, len(images), (32,), generator=g)
+        oy, ox = (int(v) for v in torch.randint(0, 33, (2,), generator=g))
+        x = images[idx, :, oy : oy + 32, ox : ox + 32]
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.mean + post.std * torch.randn(post.mean.shape, generator=g)).sample
+        return reconstruction_loss(recon, x) + 1e-6 * post.kl().mean()
+
+    opt = torch.optim.AdamW(vae.parameters(), lr=peak_lr, weight_decay=0.0)
+    train_codec(vae, opt, batch_loss, steps, seed, peak_lr, log, "vae", ckpt_path)
 
 
 @torch.no_grad()
