@@ -29,6 +29,18 @@ def test_embedded_model_draws_what_it_is_asked():
     assert any(r.colour == "red" for r in readings)
 
 
+def test_the_embedded_codec_carries_every_subject_at_every_size_and_background():
+    """Encoded and decoded, each subject's renders still score as the subject on average in every context (the
+    tuned decoder's point: before it, small checkered diamonds on gray came back at 0.60, none matching)."""
+    from ether_diffusion.toyworld.evaluate import codec_fidelity
+
+    result = codec_fidelity(load_pipeline().vae, n=16)
+    for subject, contexts in result.items():
+        for context, row in contexts.items():
+            assert row["decoded"] >= checker.SUBJECT_MATCH, (subject, context, row)
+            assert row["decoded_matches"] >= row["n"] // 2, (subject, context, row)
+
+
 def test_demo_reduced_mode_writes_everything(tmp_path):
     settings = DemoSettings(out=str(tmp_path / "demo"), max_steps=20, class_images=2, seeds=1, sampling_steps=8)
     report = run_demo(settings)
@@ -53,8 +65,6 @@ def test_short_dreambooth_run_raises_subject_fidelity_over_the_base(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="small adapted triangles, most of all on gray, lose the blue core; measured demo: subject "
-                          "match 0.86, prompt fidelity 0.89 (0.69 / 0.85 over four seeds), see docs/demo-report.md", strict=False)
 def test_full_demo_learns_the_subject_in_new_contexts(tmp_path):
     """The demo's targets: adapted match ≥ 0.8 and prompt fidelity ≥ 0.9, base match ≤ 0.1, class drift ≤ 0.2."""
     report = run_demo(DemoSettings(out=str(tmp_path / "full")))
