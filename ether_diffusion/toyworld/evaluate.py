@@ -134,7 +134,8 @@ def codec_fidelity(vae, n: int = 16, seed: int = 5) -> dict:
     (posterior mean) and decoded, then scored for the exact instance as generated pictures are. No generated
     picture can hold more of the subject than its latents can; small objects lose their detail first.
 
-    Returns {subject: {"small-gray": {"rendered": mean score, "decoded": mean score, "decoded_matches": k}, …}}.
+    Returns {subject: {"small-gray": {"rendered": mean score, "decoded": mean score, "decoded_matches": k,
+    "n": n}, …}}.
     """
     import torch
 

@@ -58,6 +58,16 @@ def parse_pattern_weights(ap: argparse.ArgumentParser, items: list[str]) -> dict
     return weights or None
 
 
+def training_log(path: Path):
+    """A function that appends one timestamped JSON row to `path` per call (the run's log, kept across resumes)."""
+
+    def log(row: dict) -> None:
+        with open(path, "a") as fh:
+            fh.write(json.dumps({"time": round(time.time(), 1), **row}) + "\n")
+
+    return log
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -247,11 +257,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.manual_seed(args.seed)
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    log_path = out / "training-log.jsonl"
-
-    def log(row: dict) -> None:
-        with open(log_path, "a") as fh:
-            fh.write(json.dumps({"time": round(time.time(), 1), **row}) + "\n")
+    log = training_log(out / "training-log.jsonl")
 
     tok_dir = out / "tokenizer"
     write_tokenizer(tok_dir)

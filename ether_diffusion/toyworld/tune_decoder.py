@@ -5,7 +5,7 @@
 
 Why: the codec (64 px → 16×16×4 latents) bounds every picture the model draws, and small patterned objects lose
 their detail on the way back (the demo's small ringed triangle on gray: exact-instance score 0.93 rendered,
-0.70 after encoding and decoding). The encoder stays frozen, so every latent the UNet was trained on, and every
+0.71 after encoding and decoding). The encoder stays frozen, so every latent the UNet was trained on, and every
 adapter trained on the base, means what it meant; only the decoder (and `post_quant_conv`) learns, on sampled
 latents of fresh scenes, with the object's pixels weighted above the flat background's.
 
@@ -20,14 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from ..atomic import atomic_write_text
 from .evaluate import codec_fidelity
-from .train_base import encode_pool, reconstruction_loss, render_pool, train_codec
+from .train_base import encode_pool, reconstruction_loss, render_pool, train_codec, training_log
 
 
 def decoder_parameters(vae) -> list[torch.nn.Parameter]:
@@ -79,10 +78,7 @@ def main(argv: list[str] | None = None) -> None:
         ap.error(f"{args.base} is not a diffusers pipeline folder (no model_index.json)")
 
     args.out.mkdir(parents=True, exist_ok=True)
-
-    def log(row: dict) -> None:
-        with open(args.out / "training-log.jsonl", "a") as fh:
-            fh.write(json.dumps({"time": round(time.time(), 1), **row}) + "\n")
+    log = training_log(args.out / "training-log.jsonl")
 
     pipe = StableDiffusionPipeline.from_pretrained(args.base, local_files_only=True).to(torch.float32)
     before = codec_fidelity(pipe.vae, args.eval_images)
