@@ -13,8 +13,9 @@ from pathlib import Path
 
 from .errors import EtherError
 from .paths import default_adapters_dir
+from .pipelines import SCHEDULERS
 from .runtime import add_device_arguments, resolve_device, resolve_dtype
-from .studio import LIMITS, SCHEDULERS, Request, Studio
+from .studio import LIMITS, Request, Studio
 
 NONE = "(none)"
 SLOTS = 3

@@ -9,6 +9,7 @@ import warnings
 from pathlib import Path
 
 from .errors import EtherError
+from .pipelines import SCHEDULERS
 from .runtime import DEVICES, DTYPES, add_device_arguments, device_and_dtype, resolve_device
 
 
@@ -23,7 +24,7 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    from .pipelines import generate
+    from .pipelines import generate, set_scheduler
 
     out = Path(args.out)
     hint = None
@@ -35,6 +36,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
             raise EtherError(f"control image not found or not readable: {args.control_image}")
     device, dtype = device_and_dtype(args)
     pipe = _pipeline_with_adapters(args.base, args.adapter or [], device=device, dtype=dtype)
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
     images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
                       guidance=args.guidance, num_images=args.num_images, control_image=hint,
                       control_scale=args.control_scale)
@@ -147,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
+                   help="solver (default: the base's own; the embedded model's is DPM++ 2M)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--control-image", default=None, help="control picture for a control adapter (resized to the output)")
     p.add_argument("--control-scale", type=float, default=1.0, help="multiplies the control encoder's features")

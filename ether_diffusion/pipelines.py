@@ -20,6 +20,13 @@ from .toyworld.base_model import EMBEDDED_MODEL_DIR
 
 EMBEDDED_NAME = "embedded"
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
+SCHEDULERS = {  # the names A1111 / ComfyUI users know → diffusers' classes
+    "DPM++ 2M": "DPMSolverMultistepScheduler",
+    "DDIM": "DDIMScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "Euler a": "EulerAncestralDiscreteScheduler",
+    "PNDM": "PNDMScheduler",
+}
 
 
 def describe_base(base: str | None) -> str:
@@ -169,6 +176,16 @@ def parse_adapter_arg(arg: str, default_strength: float = 1.0) -> tuple[str, flo
         except ValueError:
             pass
     return arg, default_strength
+
+
+def set_scheduler(pipe, name: str) -> None:
+    """Sample with another solver (a key of SCHEDULERS), built from the pipeline's own noise schedule (betas,
+    prediction type, timestep spacing), so only the solver changes, never what the model was trained for."""
+    if name not in SCHEDULERS:
+        raise EtherError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
 
 
 def generate(

@@ -31,15 +31,9 @@ from .pipelines import (
     load_ether_weights,
     pipeline_components,
     set_ether_adapters,
+    set_scheduler,
 )
 
-SCHEDULERS = {
-    "DPM++ 2M": "DPMSolverMultistepScheduler",
-    "DDIM": "DDIMScheduler",
-    "Euler": "EulerDiscreteScheduler",
-    "Euler a": "EulerAncestralDiscreteScheduler",
-    "PNDM": "PNDMScheduler",
-}
 LIMITS = {"steps": (1, 100), "guidance": (0.0, 30.0), "strength": (-2.0, 3.0), "num_images": (1, 8)}
 
 
@@ -206,14 +200,9 @@ class Studio:
     def _run(self, req: Request, adapters: list[tuple[str, float]]) -> list[tuple[Image.Image, str]]:
         if not req.prompt.strip():
             raise EtherError("the prompt is empty")
-        if req.scheduler not in SCHEDULERS:
-            raise EtherError(f"unknown scheduler {req.scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         with self.lock:
+            set_scheduler(self.pipe, req.scheduler)  # first: an unknown name changes nothing
             names = self._activate(adapters) if adapters else []
-            import diffusers
-
-            cls = getattr(diffusers, SCHEDULERS[req.scheduler])
-            self.pipe.scheduler = cls.from_config(self.pipe.scheduler.config)
             if not names:
                 disable_ether(self.pipe)
                 try:

@@ -1,12 +1,16 @@
 """Pipeline-level verbs named after diffusers' LoRA verbs, on a tiny pipeline with adapter files."""
 
+import diffusers
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ether_diffusion import AdapterConfig, EtherError, add_adapter
 from ether_diffusion.adapter_file import save_adapter
 from ether_diffusion.inject import adapter_modules
 from ether_diffusion.pipelines import (
+    SCHEDULERS,
     adapter_file_info,
     delete_ether_adapters,
     disable_ether,
@@ -18,6 +22,7 @@ from ether_diffusion.pipelines import (
     parse_adapter_arg,
     pipeline_components,
     set_ether_adapters,
+    set_scheduler,
     unfuse_ether,
     unload_ether_weights,
 )
@@ -79,3 +84,31 @@ def test_adapter_argument_parsing():
     assert parse_adapter_arg("a.safetensors") == ("a.safetensors", 1.0)
     assert parse_adapter_arg("a.safetensors:0.5") == ("a.safetensors", 0.5)
     assert parse_adapter_arg("C:/x/a.safetensors", 0.7) == ("C:/x/a.safetensors", 0.7)
+
+
+def test_set_scheduler_changes_the_solver_and_keeps_the_trained_noise_schedule():
+    pipe = tiny_sd_pipeline()
+    trained = pipe.scheduler
+    for name, cls in SCHEDULERS.items():
+        set_scheduler(pipe, name)
+        assert type(pipe.scheduler) is getattr(diffusers, cls)
+        assert torch.equal(pipe.scheduler.alphas_cumprod, trained.alphas_cumprod)
+        assert pipe.scheduler.config.prediction_type == trained.config.prediction_type
+    before = pipe.scheduler
+    with pytest.raises(EtherError, match="unknown scheduler 'k_lms'.*Euler a"):
+        set_scheduler(pipe, "k_lms")
+    assert pipe.scheduler is before
+
+
+def test_generate_command_samples_with_the_named_scheduler(tmp_path):
+    from ether_diffusion.cli import main
+    from ether_diffusion.pipelines import load_pipeline
+
+    prompt = "a large red striped circle on a white background"
+    assert main(["generate", "--prompt", prompt, "--out", str(tmp_path), "--steps", "3", "--scheduler", "Euler a"]) == 0
+    written = np.asarray(Image.open(tmp_path / "0-0.png"))
+    pipe = load_pipeline()  # the same sampling set up by hand with diffusers' own class
+    pipe.scheduler = diffusers.EulerAncestralDiscreteScheduler.from_config(pipe.scheduler.config)
+    assert np.array_equal(written, np.asarray(generate(pipe, prompt, seed=0, steps=3)[0]))
+    default = np.asarray(generate(load_pipeline(), prompt, seed=0, steps=3)[0])
+    assert not np.array_equal(written, default)

@@ -1,6 +1,7 @@
 """Scores on the toy world, read by the checker: base-model quality and DreamBooth fidelity.
 
     python -m ether_diffusion.toyworld.evaluate --base PATH --n 200 --out docs/toyworld-base-quality.json
+    python -m ether_diffusion.toyworld.evaluate --scheduler "Euler a" --steps 100 --out quality-euler-a.json
 """
 
 from __future__ import annotations
@@ -184,16 +185,22 @@ def checker_validation(n: int = 500, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    from ..pipelines import SCHEDULERS, load_pipeline, set_scheduler
+
     ap = argparse.ArgumentParser(description="Measure the embedded base model with the toy-world checker.")
     ap.add_argument("--base", default=None, help="pipeline folder (default: the embedded model)")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--seed", type=int, default=1234, help="prompt seed; training used seed 0 scenes")
+    ap.add_argument("--steps", type=int, default=25, help="sampling steps")
+    ap.add_argument("--guidance", type=float, default=7.5)
+    ap.add_argument("--scheduler", choices=list(SCHEDULERS), default=None, help="solver (default: the base's own)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
-    from ..pipelines import load_pipeline
-
     pipe = load_pipeline(args.base)
-    report = {"base_quality": base_quality(pipe, args.n, args.seed), "checker": checker_validation()}
+    if args.scheduler:
+        set_scheduler(pipe, args.scheduler)
+    quality = base_quality(pipe, args.n, args.seed, steps=args.steps, guidance=args.guidance)
+    report = {"base_quality": {**quality, "scheduler": type(pipe.scheduler).__name__}, "checker": checker_validation()}
     atomic_write_text(args.out, json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
