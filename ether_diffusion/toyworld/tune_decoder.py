@@ -56,7 +56,8 @@ def tune_decoder(vae, steps: int, pool: int, seed: int, peak_lr: float, object_w
 
 
 def main(argv: list[str] | None = None) -> None:
-    from diffusers import StableDiffusionPipeline
+    from ..errors import EtherError
+    from ..pipelines import load_pipeline
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", type=Path, required=True, help="pipeline folder whose decoder to tune")
@@ -74,13 +75,13 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if min(args.steps, args.pool, args.batch_size, args.checkpointing_steps, args.eval_images) < 1:
         ap.error("--steps, --pool, --batch-size, --checkpointing-steps and --eval-images must be at least 1")
-    if not (args.base / "model_index.json").is_file():
-        ap.error(f"{args.base} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        pipe = load_pipeline(str(args.base))  # fp32 on the CPU; a folder that is no pipeline is one sentence
+    except EtherError as exc:
+        ap.error(str(exc))
 
     args.out.mkdir(parents=True, exist_ok=True)
     log = training_log(args.out / "training-log.jsonl")
-
-    pipe = StableDiffusionPipeline.from_pretrained(args.base, local_files_only=True).to(torch.float32)
     before = codec_fidelity(pipe.vae, args.eval_images)
     tune_decoder(pipe.vae, args.steps, args.pool, args.seed, args.lr, args.object_weight, args.batch_size,
                  args.out / "decoder-checkpoint.pt", log, args.checkpointing_steps)
