@@ -30,6 +30,16 @@ def test_a_bad_pattern_weight_is_a_usage_error(tmp_path, item):
     assert not (tmp_path / "base").exists()
 
 
+def test_an_init_from_folder_that_is_no_pipeline_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as exit_info:
+        train_base(["--out", str(tmp_path / "base"), "--init-from", str(tmp_path / "empty")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--init-from:" in err and "no model_index.json" in err
+    assert not (tmp_path / "base").exists()
+
+
 def _tiny_unet(down, up):
     from diffusers import UNet2DConditionModel
 

@@ -230,6 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from ..errors import EtherError
+    from ..pipelines import load_pipeline
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--vae-steps", type=int, default=2500)
@@ -253,6 +256,10 @@ def main(argv: list[str] | None = None) -> None:
                          "effort on nearly clean timesteps, more on the noisy ones where layout and pattern are set")
     args = ap.parse_args(argv)
     pattern_weights = parse_pattern_weights(ap, args.pattern_weight)
+    try:  # fp32 on the CPU; a folder that is no pipeline is one sentence, before any output is written
+        init = load_pipeline(str(args.init_from)) if args.init_from else None
+    except EtherError as exc:
+        ap.error(f"--init-from: {exc}")
 
     torch.manual_seed(args.seed)
     out: Path = args.out
@@ -263,8 +270,6 @@ def main(argv: list[str] | None = None) -> None:
     write_tokenizer(tok_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tok_dir)
 
-    init = StableDiffusionPipeline.from_pretrained(args.init_from, local_files_only=True).to(torch.float32) \
-        if args.init_from else None
     vae_path = out / "vae.pt"
     vae = AutoencoderKL(**vae_config())
     if vae_path.exists():
