@@ -60,7 +60,7 @@ def plot(rows: list[dict], base: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for ax, key, title in ((axes[0], "subject_fidelity", "subject fidelity"), (axes[1], "prompt_fidelity", "prompt fidelity")):
         for method in dict.fromkeys(r["method"] for r in rows):
-            pts = [(r["multiplier"], r[key]) for r in rows if r["method"] == method]
+            pts = sorted((r["multiplier"], r[key]) for r in rows if r["method"] == method)
             ax.plot(*zip(*pts), marker="o", label=method)
         ax.axhline(base[key], color="gray", linestyle="--", label="base model")
         ax.set_xscale("log")
