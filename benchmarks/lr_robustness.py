@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default=",".join(RECOMMENDED))
     ap.add_argument("--multipliers", default=",".join(f"{m:g}" for m in MULTIPLIERS))
     ap.add_argument("--base", default=None)
-    ap.add_argument("--subjects", default="striped-circle", help=f"comma-separated, or all: {', '.join(world.SUBJECTS)}")
+    ap.add_argument("--subjects", default=DemoSettings.subject,
+                    help=f"comma-separated, or all: {', '.join(world.SUBJECTS)} (default: the demo's subject)")
     ap.add_argument("--steps", type=int, default=DemoSettings.max_steps)
     ap.add_argument("--class-images", type=int, default=DemoSettings.class_images)
     ap.add_argument("--seeds", type=int, default=DemoSettings.seeds, help="images per prompt")
