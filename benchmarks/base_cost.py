@@ -1,6 +1,7 @@
 """What a larger embedded base would cost to train on this CPU: one training step of the toy-world base's UNet and
-text encoder (batch 32, AdamW, the trainer's own step) for the shipped architecture and the larger ones that
-could draw patterns in finer detail, interleaved round by round so that every ratio comes from the same minutes.
+text encoder (batch 32, the trainer's own `denoiser_step`: loss, clipped AdamW step, EMA update) for the shipped
+architecture and the larger ones that could draw patterns in finer detail, interleaved round by round so that every
+ratio comes from the same minutes.
 
     python benchmarks/base_cost.py --out docs/benchmarks/toyworld-base-cost.json
 
@@ -12,17 +13,19 @@ steps (versions 1 to 2.5, docs/toyworld.md) would take at that speed: the cost o
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
 import time
 
 import torch
-from diffusers import UNet2DConditionModel
+from diffusers import DDPMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel
 
 from ether_diffusion.atomic import atomic_write_text
-from ether_diffusion.toyworld.base_model import text_encoder_config, unet_config
+from ether_diffusion.toyworld.base_model import scheduler_config, text_encoder_config, unet_config
+from ether_diffusion.toyworld.train_base import denoiser_step
 
 SHIPPED_STEPS = 27_500  # UNet steps behind the shipped model: 4,000 + 5,000 + 4,500 + 4,000 + 4,000 + 6,000
 VARIANTS = {
@@ -35,7 +38,8 @@ VARIANTS = {
 
 
 class Variant:
-    """One architecture with its own optimiser and fixed inputs, so a step is exactly the trainer's work."""
+    """One architecture with its own optimiser, EMA copies and fixed inputs; a step is the trainer's own
+    `denoiser_step` (loss, clipped AdamW step, EMA update)."""
 
     def __init__(self, overrides: dict, latent: int, batch: int, seed: int):
         torch.manual_seed(seed)
@@ -44,19 +48,19 @@ class Variant:
         self.text_encoder = CLIPTextModel(text_config)
         params = list(self.unet.parameters()) + list(self.text_encoder.parameters())
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
+        self.ema_pairs = [(copy.deepcopy(m).requires_grad_(False), m) for m in (self.unet, self.text_encoder)]
+        self.noise_scheduler = DDPMScheduler(**scheduler_config(), clip_sample=False)
         self.latents = torch.randn(batch, 4, latent, latent)
         self.ids = torch.randint(0, text_config.vocab_size, (batch, text_config.max_position_embeddings))
         self.timesteps = torch.randint(0, 1000, (batch,))
         self.unet_parameters = sum(p.numel() for p in self.unet.parameters())
+        self.steps = 0
 
     def step(self) -> float:
         start = time.perf_counter()
-        context = self.text_encoder(self.ids).last_hidden_state
-        noise = torch.randn_like(self.latents)
-        prediction = self.unet(self.latents + noise, self.timesteps, context).sample
-        torch.nn.functional.mse_loss(prediction, noise).backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        denoiser_step(self.unet, self.text_encoder, self.optimizer, self.ema_pairs, self.noise_scheduler, self.ids,
+                      self.latents, torch.randn_like(self.latents), self.timesteps, self.steps)
+        self.steps += 1
         return time.perf_counter() - start
 
 

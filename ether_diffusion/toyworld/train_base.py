@@ -226,6 +226,28 @@ def unet_lr(peak: float, step: int, total: int) -> float:
     return lr
 
 
+def denoiser_step(unet, text_encoder, optimizer: torch.optim.Optimizer, ema_pairs: list, noise_scheduler,
+                  ids: torch.Tensor, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, step: int,
+                  min_snr_gamma: float | None = None) -> torch.Tensor:
+    """One joint training step of the UNet and text encoder: noise-prediction loss (Min-SNR weighted when a gamma is
+    given), AdamW with the gradient norm clipped to 1, then the EMA copies (`ema_pairs`: (ema, live) modules)
+    moved towards the live weights. Returns the loss. The benchmark of larger bases times exactly this step."""
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    pred = unet(noisy, timesteps, text_encoder(ids)[0]).sample
+    weights = min_snr_weights(noise_scheduler, timesteps, min_snr_gamma) if min_snr_gamma else None
+    loss = diffusion_loss(pred, noise, weights).mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], 1.0)
+    optimizer.step()
+    decay = min(0.999, (1 + step) / (10 + step))
+    with torch.no_grad():
+        for ema, live in ema_pairs:
+            for pe, pl in zip(ema.parameters(), live.parameters()):
+                pe.lerp_(pl, 1 - decay)
+    return loss
+
+
 def main(argv: list[str] | None = None) -> None:
     from diffusers import AutoencoderKL, DDPMScheduler, DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -324,21 +346,10 @@ def main(argv: list[str] | None = None) -> None:
         latents = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=g)) * scaling
         noise = torch.randn(latents.shape, generator=g)
         t = torch.randint(0, 1000, (args.batch_size,), generator=g)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
         for group in opt.param_groups:
             group["lr"] = unet_lr(args.lr, step, args.unet_steps)
-        pred = unet(noisy, t, text_encoder(ids)[0]).sample
-        weights = min_snr_weights(noise_scheduler, t, args.min_snr_gamma) if args.min_snr_gamma else None
-        loss = diffusion_loss(pred, noise, weights).mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        decay = min(0.999, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for ema, live in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pl in zip(ema.parameters(), live.parameters()):
-                    pe.lerp_(pl, 1 - decay)
+        loss = denoiser_step(unet, text_encoder, opt, [(ema_unet, unet), (ema_text, text_encoder)], noise_scheduler,
+                             ids, latents, noise, t, step, args.min_snr_gamma)
         done = step + 1
         bar.update()
         bar.set_postfix(loss=f"{loss.item():.4f}")
