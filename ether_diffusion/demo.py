@@ -24,7 +24,7 @@ from .errors import EtherError
 from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
 from .runtime import add_device_arguments, mixed_precision_for, resolve_device, resolve_dtype
 from .toyworld import checker, world
-from .toyworld.evaluate import prompt_fidelity, subject_prompt, subject_prompts
+from .toyworld.evaluate import judge, subject_prompt, subject_prompts
 from .train import DreamBoothConfig, train_dreambooth
 
 
@@ -77,25 +77,27 @@ def _sample(pipe, settings: DemoSettings, text: str) -> list[Image.Image]:
 
 
 def score(pipe, settings: DemoSettings, adapted: bool) -> tuple[dict, list[list[Image.Image]]]:
-    """Subject and prompt fidelity over every context prompt × seed, and class drift (how often the class prompt
-    draws the subject itself); also the images, one row per context prompt and one for the class prompt."""
+    """Subject and prompt fidelity over every context prompt × seed, where each miss lies (family and colours,
+    exact geometry, background and size: `evaluate.judge`), and class drift (how often the class prompt draws the
+    subject itself); also the images, one row per context prompt and one for the class prompt."""
     (enable_ether if adapted else disable_ether)(pipe)
-    rows, subject_scores, prompt_scores = [], [], []
+    rows, judged = [], []
     prompts = subject_prompts(settings.token, settings.subject)
     for prompt in tqdm(prompts, desc="sampling adapted" if adapted else "sampling base"):
         row = _sample(pipe, settings, prompt.text)
         rows.append(row)
-        subject_scores += [checker.subject_similarity(image, settings.subject) for image in row]
-        prompt_scores += [prompt_fidelity(image, prompt, settings.subject) for image in row]
+        judged += [judge(image, prompt, settings.subject) for image in row]
     class_row = _sample(pipe, settings, class_prompt(settings))
     rows.append(class_row)
     class_scores = [checker.subject_similarity(image, settings.subject) for image in class_row]
     enable_ether(pipe)
-    n = len(subject_scores)
+    n = len(judged)
     return {
-        "subject_fidelity": sum(subject_scores) / n,
-        "subject_match_rate": sum(v >= checker.SUBJECT_MATCH for v in subject_scores) / n,
-        "prompt_fidelity": sum(prompt_scores) / n,
+        "subject_fidelity": sum(j["similarity"] for j in judged) / n,
+        "subject_match_rate": sum(j["similarity"] >= checker.SUBJECT_MATCH for j in judged) / n,
+        "identity_rate": sum(j["identity"] for j in judged) / n,
+        "context_rate": sum(j["context"] for j in judged) / n,
+        "prompt_fidelity": sum(j["prompt"] for j in judged) / n,
         "class_drift": sum(v >= checker.SUBJECT_MATCH for v in class_scores) / len(class_scores),
         "images": n,
     }, rows
@@ -147,8 +149,10 @@ def dreambooth_config(settings: DemoSettings, instance_dir: Path, output_dir: Pa
 
 def run_demo(settings: DemoSettings) -> dict:
     """Run the demo and return its report (also written to OUT/report.json and OUT/report.md)."""
-    if settings.subject not in world.SUBJECTS:
-        raise EtherError(f"unknown subject {settings.subject!r}; choose one of: {', '.join(world.SUBJECTS)}")
+    try:
+        subject = world.get_subject(settings.subject)
+    except KeyError as e:
+        raise EtherError(e.args[0]) from None
     out = Path(settings.out)
     times = {}
     t0 = time.time()
@@ -173,7 +177,7 @@ def run_demo(settings: DemoSettings) -> dict:
     from .inject import count_parameters
 
     report = {
-        "subject": settings.subject, "subject_description": world.SUBJECTS[settings.subject].description,
+        "subject": settings.subject, "subject_description": subject.description,
         "method": settings.method, "instance_prompt": cfg.instance_prompt, "class_prompt": cfg.class_prompt,
         "prompts": [p.text for p in subject_prompts(settings.token, settings.subject)],
         "base": base_scores, "adapted": adapted_scores, "trainable_parameters": sum(count_parameters(m) for m in pipeline_components(pipe).values()),
@@ -189,7 +193,9 @@ def add_demo_parser(sub) -> None:
     p = sub.add_parser("demo", help="train and compare a subject adapter on the embedded model (CPU, minutes)")
     defaults = DemoSettings()
     p.add_argument("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
-    p.add_argument("--subject", default=defaults.subject, choices=list(world.SUBJECTS))
+    p.add_argument("--subject", default=defaults.subject,
+                   help=f"{', '.join(world.SUBJECTS)}, random (a subject drawn from --seed) or random-N "
+                        f"(default: {defaults.subject})")
     p.add_argument("--method", default=defaults.method, choices=["ether", "etherplus"])
     p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=defaults.train_text_encoder,
                    help="also adapt the text encoder's attention (default: on)")
@@ -206,7 +212,8 @@ def add_demo_parser(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    settings = DemoSettings(out=args.out, base=args.base, subject=args.subject, method=args.method,
+    subject = f"{world.RANDOM_PREFIX}{args.seed}" if args.subject == "random" else args.subject
+    settings = DemoSettings(out=args.out, base=args.base, subject=subject, method=args.method,
                             train_text_encoder=args.train_text_encoder,
                             max_steps=args.max_steps, learning_rate=args.learning_rate,
                             class_images=args.class_images, seeds=args.seeds, sampling_steps=args.sampling_steps,

@@ -98,11 +98,15 @@ def test_checker_is_accurate_on_renders_and_chance_on_noise():
         assert acc <= result["chance"][key] + 0.2, (key, acc)
 
 
-@pytest.mark.parametrize("name", list(world.SUBJECTS))
+RANDOM_NAMES = [f"random-{seed}" for seed in range(12)]
+
+
+@pytest.mark.parametrize("name", [*world.SUBJECTS, *RANDOM_NAMES])
 def test_subject_similarity_scores_the_exact_instance_not_its_family(name):
     """The subject matches at every size and place; every other member of its family (same shape, colours and
-    pattern word, other geometry) and every plain object scores clearly below the match threshold."""
-    spec = world.SUBJECTS[name]
+    pattern word, other geometry) and every plain object scores clearly below the match threshold. Random subjects
+    (seeded draws nobody picked) are held to the same standard as the named ones."""
+    spec = world.get_subject(name)
     rng = random.Random(6)
     own = [checker.subject_similarity(world.render(world.subject_scene(rng, name, size=size)), name)
            for size in ("large", "small") for _ in range(8)]
@@ -149,3 +153,16 @@ def test_control_maps_follow_the_object():
     assert tuple(seg[32, 32]) == world.SEGMENTATION_COLOURS["square"] and tuple(seg[2, 2]) == (0, 0, 0)
     edges = np.asarray(world.render_edges(scene))[..., 0] > 0
     assert edges[16, 32] and not edges[32, 32] and not edges[2, 2]
+
+
+def test_random_subjects_are_seeded_valid_draws_from_every_family():
+    draws = [world.get_subject(name) for name in RANDOM_NAMES]
+    assert [s.name for s in draws] == RANDOM_NAMES
+    assert world.random_subject(3) == world.get_subject("random-3")  # the same seed, the same subject
+    for s in draws:
+        assert s.shape in world.SHAPES and s.pattern in world.pattern_family(s.pattern.kind)
+        assert len(set(s.colours)) == 2 and s.colours == world.colour_pair(*s.colours)
+        assert world.subject_caption(s.name, "white", token="sks").startswith("a sks ")
+    assert len({s.shape for s in draws}) >= 3 and len({s.pattern.kind for s in draws}) >= 3
+    with pytest.raises(KeyError, match="random-SEED"):
+        world.get_subject("random-x")

@@ -44,15 +44,24 @@ def subject_prompts(token: str, subject: str) -> list[SubjectPrompt]:
     return list(dict.fromkeys(out))
 
 
+def judge(image, prompt: SubjectPrompt, subject: str) -> dict[str, float]:
+    """Where a picture of a subject in a context is right or wrong, each 0/1 except `similarity`:
+    `similarity` the exact-instance score (`checker.subject_similarity`; a match is ≥ `checker.SUBJECT_MATCH`);
+    `identity` the subject's family (shape, pattern kind) and its colours; `context` the asked background, and the
+    asked size when the prompt names one; `prompt` family and context (prompt fidelity, the stand-in for CLIP-T)."""
+    spec = world.get_subject(subject)
+    reading = checker.read(image)
+    family = reading.shape == spec.shape and reading.pattern == spec.pattern.kind
+    context = reading.background == prompt.background and (prompt.size is None or reading.size == prompt.size)
+    return {"similarity": checker.subject_similarity(image, subject),
+            "identity": float(family and tuple(reading.colours) == tuple(spec.colours)),
+            "context": float(context), "prompt": float(family and context)}
+
+
 def prompt_fidelity(image, prompt: SubjectPrompt, subject: str) -> float:
     """1 when the picture shows the subject's family (shape and pattern kind) on the asked background, at the
     asked size when the prompt names one; else 0. The stand-in for CLIP-T: it ignores who the object is."""
-    spec = world.SUBJECTS[subject]
-    reading = checker.read(image)
-    ok = reading.background == prompt.background and reading.shape == spec.shape and reading.pattern == spec.pattern.kind
-    if prompt.size is not None:
-        ok = ok and reading.size == prompt.size
-    return float(ok)
+    return judge(image, prompt, subject)["prompt"]
 
 
 def named_attributes(caption: str) -> set[str]:
@@ -130,6 +139,26 @@ def control_fidelity(pipe, kind: str, n: int, seed: int, steps: int = 20, guidan
             "accuracy": {k: v / n for k, v in hits.items()}, "per_scene_iou": [round(v, 4) for v in ious]}
 
 
+def _round_trip(vae, images: list) -> np.ndarray:
+    """Encode (posterior mean) and decode pictures through the VAE; uint8 arrays, as generated pictures are."""
+    import torch
+
+    from ..data import image_to_tensor
+
+    x = torch.stack([image_to_tensor(image) for image in images]).to(vae.device, vae.dtype)
+    with torch.no_grad():
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+    return ((y.float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
+
+
+def _codec_scores(vae, rng: random.Random, subject: str, background: str, size: str | None, n: int) -> dict:
+    images = [world.render(world.subject_scene(rng, subject, background=background, size=size)) for _ in range(n)]
+    rendered = [checker.subject_similarity(image, subject) for image in images]
+    scores = [checker.subject_similarity(array, subject) for array in _round_trip(vae, images)]
+    return {"rendered": round(float(np.mean(rendered)), 4), "decoded": round(float(np.mean(scores)), 4),
+            "decoded_matches": sum(v >= checker.SUBJECT_MATCH for v in scores), "n": n}
+
+
 def codec_fidelity(vae, n: int = 16, seed: int = 5) -> dict:
     """The codec's ceiling on subject fidelity: each subject rendered n times per size × background, encoded
     (posterior mean) and decoded, then scored for the exact instance as generated pictures are. No generated
@@ -138,28 +167,21 @@ def codec_fidelity(vae, n: int = 16, seed: int = 5) -> dict:
     Returns {subject: {"small-gray": {"rendered": mean score, "decoded": mean score, "decoded_matches": k,
     "n": n}, …}}.
     """
-    import torch
-
-    from ..data import image_to_tensor
-
     rng = random.Random(seed)
-    out: dict[str, dict] = {}
-    for subject in world.SUBJECTS:
-        out[subject] = {}
-        for size in world.SIZES:
-            for background in world.BACKGROUNDS:
-                images = [world.render(world.subject_scene(rng, subject, background=background, size=size))
-                          for _ in range(n)]
-                x = torch.stack([image_to_tensor(image) for image in images]).to(vae.device, vae.dtype)
-                with torch.no_grad():
-                    y = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
-                decoded = ((y.float().permute(0, 2, 3, 1).cpu().numpy() + 1) * 127.5).round().astype(np.uint8)
-                rendered = [checker.subject_similarity(image, subject) for image in images]
-                scores = [checker.subject_similarity(array, subject) for array in decoded]
-                out[subject][f"{size}-{background}"] = {
-                    "rendered": round(float(np.mean(rendered)), 4), "decoded": round(float(np.mean(scores)), 4),
-                    "decoded_matches": sum(v >= checker.SUBJECT_MATCH for v in scores), "n": n}
-    return out
+    return {subject: {f"{size}-{background}": _codec_scores(vae, rng, subject, background, size, n)
+                      for size in world.SIZES for background in world.BACKGROUNDS}
+            for subject in world.SUBJECTS}
+
+
+def codec_ceiling(vae, subject: str, prompts: list[SubjectPrompt], n: int = 8, seed: int = 5) -> dict:
+    """`codec_fidelity` for one subject (named or `random-SEED`) in each context prompt (a prompt without a size
+    word is rendered at random sizes, as the base would draw it): what share of perfect renders still matches after
+    the VAE round trip, so that a context no generator could draw is told apart from one the adapter misses.
+
+    Returns {prompt text: {"rendered", "decoded", "decoded_matches", "n"}}.
+    """
+    rng = random.Random(seed)
+    return {p.text: _codec_scores(vae, rng, subject, p.background, p.size, n) for p in prompts}
 
 
 def checker_validation(n: int = 500, seed: int = 0) -> dict:
