@@ -17,7 +17,13 @@ from ether_diffusion import AdapterConfig, EtherError, add_adapter
 from ether_diffusion.testing import tiny_sd_pipeline, tiny_sdxl_pipeline
 from ether_diffusion.toyworld import world
 from ether_diffusion.train import DreamBoothConfig, train_dreambooth
-from ether_diffusion.train.common import diffusion_loss, min_snr_weights, noisy_latents_and_target, step_generator
+from ether_diffusion.train.common import (
+    diffusion_loss,
+    min_snr_weights,
+    noisy_latents_and_target,
+    step_generator,
+    timestep_weights,
+)
 
 
 @pytest.fixture
@@ -131,6 +137,47 @@ def test_training_target_matches_the_prediction_type(kind):
     assert torch.allclose(noisy.double(), alpha.sqrt() * latents.double() + (1 - alpha).sqrt() * noise, atol=1e-5)
     want = noise if kind == "epsilon" else alpha.sqrt() * noise - (1 - alpha).sqrt() * latents.double()
     assert torch.allclose(target.double(), want, atol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["later", "earlier", "range"])
+def test_timestep_bias_weights_follow_diffusers_sdxl_scripts(strategy):
+    """Against the formula of diffusers' `generate_timestep_weights`: ones, the biased slice times the multiplier,
+    normalised; and the sampled timesteps land in the biased slice as often as those weights say."""
+    cfg = DreamBoothConfig(timestep_bias_strategy=strategy, timestep_bias_multiplier=3.0, timestep_bias_portion=0.2,
+                           timestep_bias_begin=100, timestep_bias_end=300)
+    want = [1.0] * 1000
+    biased = {"later": range(800, 1000), "earlier": range(0, 200), "range": range(100, 300)}[strategy]
+    for i in biased:
+        want[i] = 3.0
+    weights = timestep_weights(cfg, 1000)
+    assert torch.allclose(weights.double(), torch.tensor(want, dtype=torch.float64) / sum(want))
+    pipe = tiny_sd_pipeline()
+    latents = torch.zeros(4000, 4, 1, 1)
+    _, t, _ = noisy_latents_and_target(pipe.scheduler, latents, step_generator(0, 1), weights=weights)
+    share = sum(int(v) in biased for v in t) / len(t)
+    assert abs(share - 0.6 / 1.4) < 0.03  # 200 timesteps × 3 of 800 + 600
+    assert timestep_weights(DreamBoothConfig(), 1000) is None  # the default samples uniformly, as before
+
+
+def test_timestep_bias_settings_are_checked_before_training(instance_dir, tmp_path):
+    for bad, problem in ((dict(timestep_bias_strategy="late"), "timestep_bias_strategy"),
+                         (dict(timestep_bias_multiplier=0.0), "multiplier"),
+                         (dict(timestep_bias_portion=1.5), "portion")):
+        with pytest.raises(EtherError, match=problem):
+            config(instance_dir, tmp_path / "x", **bad).validate()
+
+
+def test_a_later_bias_trains_and_peft_parameters_in_the_text_encoder_train_too(instance_dir, tmp_path):
+    """Extra (benchmark) parameters inside the text encoder are not frozen with it, and its outputs are not
+    cached while they train."""
+    pipe = tiny_sd_pipeline()
+    layer = next(m for n, m in pipe.text_encoder.named_modules() if n.endswith("q_proj"))
+    before = layer.weight.detach().clone()
+    extra = [layer.weight]
+    train_dreambooth(config(instance_dir, tmp_path / "t", train_adapters=False, train_text_encoder=True,
+                            timestep_bias_strategy="later", timestep_bias_multiplier=5.0), pipe=pipe,
+                     extra_trainable=extra)
+    assert not torch.equal(layer.weight, before)
 
 
 def test_v_prediction_base_trains_with_min_snr(instance_dir, tmp_path):

@@ -19,6 +19,8 @@ SHORT_HELP = {
     "method": "ether or etherplus",
     "targets": "preset (attn, attn+ff) or comma-separated regexes",
     "resume_from_checkpoint": "'latest' or a checkpoint folder",
+    "timestep_bias_strategy": "none, later (favour the noisiest timesteps, where the layout is decided), earlier "
+                              "or range (--timestep-bias-begin/-end); weighted by --timestep-bias-multiplier",
     "validation_prompts": "repeatable; default: the instance prompt (dreambooth) or each row's caption (control)",
 }
 

@@ -27,13 +27,36 @@ def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torc
     return torch.Generator().manual_seed((seed * 1_000_003 + step) * 1009 + rank * 31 + stream)
 
 
-def noisy_latents_and_target(scheduler, latents: torch.Tensor, g: torch.Generator, noise_offset: float = 0.0):
-    """Sample noise and timesteps; return (noisy latents, timesteps, training target) for the scheduler's
-    prediction type (epsilon or v_prediction)."""
+def timestep_weights(cfg, num_timesteps: int) -> torch.Tensor | None:
+    """Sampling weights over the training timesteps, as diffusers' SDXL scripts' `--timestep_bias_*` flags give
+    them: `later` multiplies the last `portion` of the timesteps (the noisiest, where sampling decides the layout),
+    `earlier` the first (the least noisy: fine detail), `range` those in [begin, end); None for uniform sampling."""
+    strategy = cfg.timestep_bias_strategy
+    if strategy == "none" or cfg.timestep_bias_multiplier == 1.0:
+        return None
+    if strategy == "range" and cfg.timestep_bias_end > num_timesteps:
+        raise EtherError(f"timestep_bias_end ({cfg.timestep_bias_end}) is beyond the base's {num_timesteps} "
+                         "training timesteps")
+    weights = torch.ones(num_timesteps)
+    portion = max(1, int(cfg.timestep_bias_portion * num_timesteps))
+    biased = {"later": slice(num_timesteps - portion, None), "earlier": slice(0, portion),
+              "range": slice(cfg.timestep_bias_begin, cfg.timestep_bias_end)}[strategy]
+    weights[biased] *= cfg.timestep_bias_multiplier
+    return weights / weights.sum()
+
+
+def noisy_latents_and_target(scheduler, latents: torch.Tensor, g: torch.Generator, noise_offset: float = 0.0,
+                             weights: torch.Tensor | None = None):
+    """Sample noise and timesteps (uniform, or from `timestep_weights`); return (noisy latents, timesteps,
+    training target) for the scheduler's prediction type (epsilon or v_prediction)."""
     noise = torch.randn(latents.shape, generator=g, dtype=torch.float32).to(latents)
     if noise_offset:
         noise = noise + noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=g).to(latents)
-    t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g).to(latents.device)
+    if weights is None:
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=g)
+    else:
+        t = torch.multinomial(weights, latents.shape[0], replacement=True, generator=g)
+    t = t.to(latents.device)
     noisy = scheduler.add_noise(latents, noise, t)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":

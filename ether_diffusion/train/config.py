@@ -19,6 +19,9 @@ from ..paths import default_output_dir
 from ..runtime import DEVICES
 
 
+TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+
+
 @dataclass
 class TrainingConfig:
     """Settings every adapter training shares: base, adapter, optimiser, precision, checkpoints, validation."""
@@ -51,6 +54,11 @@ class TrainingConfig:
     cache_latents: bool = False
     snr_gamma: float | None = None
     noise_offset: float = 0.0
+    timestep_bias_strategy: str = "none"
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
+    timestep_bias_portion: float = 0.25
     validation_prompts: list[str] = field(default_factory=list)
     validation_steps: int | None = None
     num_validation_images: int = 2
@@ -78,6 +86,16 @@ class TrainingConfig:
             raise EtherError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.mixed_precision not in ("no", "fp16", "bf16"):
             raise EtherError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.timestep_bias_strategy not in TIMESTEP_BIAS_STRATEGIES:
+            raise EtherError(f"timestep_bias_strategy must be one of {', '.join(TIMESTEP_BIAS_STRATEGIES)}, "
+                             f"got {self.timestep_bias_strategy!r}")
+        if not self.timestep_bias_multiplier > 0:
+            raise EtherError(f"timestep_bias_multiplier must be positive, got {self.timestep_bias_multiplier}")
+        if not 0 < self.timestep_bias_portion <= 1:
+            raise EtherError(f"timestep_bias_portion must be in (0, 1], got {self.timestep_bias_portion}")
+        if not 0 <= self.timestep_bias_begin < self.timestep_bias_end:
+            raise EtherError("timestep_bias_begin must be at least 0 and below timestep_bias_end, got "
+                             f"{self.timestep_bias_begin} and {self.timestep_bias_end}")
         if self.checkpointing_steps < 1:
             raise EtherError(f"checkpointing_steps must be at least 1, got {self.checkpointing_steps}")
         if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:

@@ -28,6 +28,7 @@ from .common import (
     make_optimizer,
     min_snr_weights,
     noisy_latents_and_target,
+    timestep_weights,
     step_generator,
     unet_kwargs,
 )
@@ -113,6 +114,7 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
     latents_of = LatentSource(pipe, [Example(Path(""), r.image, r.caption) for r in rows], resolution, device,
                               cache=cfg.cache_latents)
     scheduler = open_run(cfg, pipe, accelerator, output_dir, "ether-control")
+    bias = timestep_weights(cfg, scheduler.config.num_train_timesteps)
     bs, accum = cfg.train_batch_size, cfg.gradient_accumulation_steps
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
@@ -122,7 +124,7 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
         hints = torch.stack([control_tensor(rows[i], resolution) for i in idx]).to(device)
         drop = torch.rand(bs, generator=g) < cfg.caption_dropout  # unconditional samples: guidance works later
         caps = ["" if d else rows[i].caption for i, d in zip(idx, drop.tolist())]
-        noisy, t, target = noisy_latents_and_target(scheduler, latents, g, cfg.noise_offset)
+        noisy, t, target = noisy_latents_and_target(scheduler, latents, g, cfg.noise_offset, bias)
         kwargs = unet_kwargs(pipe, conditioning(caps), bs, resolution, weight_dtype, device)
         with accelerator.autocast(), control_image(pipe.unet, hints):
             pred = pipe.unet(noisy, t, **kwargs).sample

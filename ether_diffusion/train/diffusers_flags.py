@@ -25,7 +25,9 @@ SAME = ("output_dir", "instance_prompt", "class_prompt", "resolution", "train_ba
         "gradient_accumulation_steps", "learning_rate", "lr_scheduler", "lr_warmup_steps", "checkpointing_steps",
         "checkpoints_total_limit", "num_validation_images", "seed", "mixed_precision", "num_class_images",
         "prior_loss_weight", "sample_batch_size", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
-        "max_grad_norm", "snr_gamma", "noise_offset", "resume_from_checkpoint", "text_encoder_lr")
+        "max_grad_norm", "snr_gamma", "noise_offset", "resume_from_checkpoint", "text_encoder_lr",
+        "timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end",
+        "timestep_bias_portion")
 SWITCHES = ("with_prior_preservation", "train_text_encoder", "gradient_checkpointing", "use_8bit_adam",
             "center_crop", "random_flip")
 ETHER_FLAGS = {"method": "ether or etherplus (default etherplus)", "n_blocks": "block-diagonal blocks (default 1)",

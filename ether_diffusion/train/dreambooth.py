@@ -28,6 +28,7 @@ from .common import (
     make_optimizer,
     min_snr_weights,
     noisy_latents_and_target,
+    timestep_weights,
     step_generator,
     unet_kwargs,
 )
@@ -149,17 +150,17 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
         groups.append({"params": inject.trainable_parameters(pipe.unet), "lr": cfg.learning_rate})
     elif not extra_trainable:
         raise EtherError("nothing to train: train_adapters is off and no extra parameters were given")
-    if extra_trainable:
-        groups.append({"params": [p.requires_grad_(True) for p in extra_trainable], "lr": cfg.learning_rate})
     text_models = [m for n, m in components.items() if n.startswith("text_encoder")]
     for model in text_models:
         model.requires_grad_(False)
-        if cfg.train_text_encoder:
+        if cfg.train_text_encoder and cfg.train_adapters:
             te_cfg = AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides,
                                    targets=cfg.text_encoder_targets)
             inject.add_adapter(model, ADAPTER_NAME, te_cfg)
             groups.append({"params": inject.trainable_parameters(model),
                            "lr": cfg.text_encoder_lr or cfg.learning_rate})
+    if extra_trainable:  # after the text encoders are frozen: extra parameters may live in them
+        groups.append({"params": [p.requires_grad_(True) for p in extra_trainable], "lr": cfg.learning_rate})
     if cfg.gradient_checkpointing:
         pipe.unet.enable_gradient_checkpointing()
         pipe.unet.train()  # diffusers checkpoints only in training mode
@@ -181,7 +182,8 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
     start_step = resume(cfg, output_dir, lambda f: copy_vectors(f, components, ADAPTER_NAME), optimizer,
                         lr_scheduler, accelerator.is_main_process, accelerator.scaler)
 
-    conditioning = TextConditioner(pipe, device, cache=not cfg.train_text_encoder)
+    text_trained = any(p.requires_grad for model in text_models for p in model.parameters())
+    conditioning = TextConditioner(pipe, device, cache=not text_trained)
 
     def source(examples: list[Example]) -> LatentSource:
         return LatentSource(pipe, examples, resolution, device, cache=cfg.cache_latents,
@@ -191,6 +193,7 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
     if class_examples:
         sources.append((source(class_examples), class_examples, cfg.prior_loss_weight))
     scheduler = open_run(cfg, pipe, accelerator, output_dir, "ether-dreambooth")
+    bias = timestep_weights(cfg, scheduler.config.num_train_timesteps)
     bs, accum = cfg.train_batch_size, cfg.gradient_accumulation_steps
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
@@ -203,7 +206,7 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
             caps += [examples[i].caption for i in idx]
             weights += [weight] * bs
         latents = torch.cat(latents).to(device, weight_dtype)
-        noisy, t, target = noisy_latents_and_target(scheduler, latents, g, cfg.noise_offset)
+        noisy, t, target = noisy_latents_and_target(scheduler, latents, g, cfg.noise_offset, bias)
         kwargs = unet_kwargs(pipe, conditioning(caps), len(caps), resolution, weight_dtype, device)
         with accelerator.autocast():
             pred = pipe.unet(noisy, t, **kwargs).sample
