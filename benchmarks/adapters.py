@@ -1,4 +1,4 @@
-"""ETHER / ETHER+ against PEFT LoRA, OFT, HRA and full attention fine-tuning, side by side on one UNet.
+"""ETHER / ETHER+ against PEFT LoRA, DoRA, DeLoRA, OFT, HRA and full attention fine-tuning, side by side on one UNet.
 
     python benchmarks/adapters.py --quick                     # toy-world UNet, 16×16 latents (minutes on a CPU)
     python benchmarks/adapters.py --out docs/benchmarks/sd15-cpu.json          # real SD-1.5 UNet config, 32×32
@@ -11,7 +11,7 @@ time as a ratio to the same process's plain UNet (adapters switched off, timed r
 `backward-floor` row trains only `conv_in`'s bias: the frozen UNet's forward and full backward pass, the cost
 no adapter can go below. ETHER rows also time multi-adapter serving: 8 different adapters routed per sample in
 one batch of 8 vs one adapter on the same batch vs 8 sequential passes.
-PEFT (`pip install peft`) is needed for the LoRA / OFT / HRA rows only.
+PEFT (`pip install peft`) is needed for the LoRA / DoRA / DeLoRA / OFT / HRA rows only.
 """
 
 from __future__ import annotations
@@ -33,8 +33,8 @@ from ether_diffusion.atomic import atomic_write_text
 from ether_diffusion.runtime import DTYPES
 from ether_diffusion.train.common import adamw
 
-METHODS = ["backward-floor", "ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "oft", "hra-r1",
-           "full-attn"]
+METHODS = ["backward-floor", "ether-n1", "ether-n4", "etherplus-n1", "etherplus-n4", "lora-r4", "dora-r4",
+           "delora-r4", "oft", "hra-r1", "full-attn"]
 UNFUSED = "-unfused"  # suffix (not a default row): train through the applied transforms instead of the low-rank update
 TARGETS = {  # label: (method, figure, bound, the shape it applies to or None for every shape)
     "ETHER step ≤ 1.05× LoRA r=4": ("ether-n1", "step_time_ratio_to_lora", 1.05, None),
@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = [median_row(method_runs) for method_runs in runs.values()]
     by = {r["method"]: r for r in rows}
     for r in rows:
-        for peer, key in (("lora-r4", "lora"), ("hra-r1", "hra"), ("oft", "oft"), ("backward-floor", "floor")):
+        for peer, key in (("lora-r4", "lora"), ("delora-r4", "delora"), ("hra-r1", "hra"), ("oft", "oft"),
+                          ("backward-floor", "floor")):
             if peer in by:
                 r[f"step_time_ratio_to_{key}"] = step_time_ratio(runs[r["method"]], runs[peer])
         if "lora-r4" in by:

@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="the embedded UNet at 16×16 latents")
     add_unet_arguments(ap)
-    ap.add_argument("--methods", default="backward-floor,ether-n1,etherplus-n1,lora-r4")
+    ap.add_argument("--methods", default="backward-floor,ether-n1,etherplus-n1,lora-r4,dora-r4,delora-r4")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2, help="untimed steps of each method first")
     ap.add_argument("--out", default=None)
@@ -58,9 +58,10 @@ def main(argv: list[str] | None = None) -> None:
 
     first, ctx_len = build_unet(shape, args.device, dtype)
     inputs = sample_inputs(first, ctx_len, latent, args.device, dtype)
+    # every sibling is made from the plain UNet before any method attaches to it, whatever the order
+    unets = [first] + [sibling(first, shape, args.device, dtype) for _ in methods[1:]]
     steps = {}
-    for i, method in enumerate(methods):
-        unet = first if i == 0 else sibling(first, shape, args.device, dtype)
+    for unet, method in zip(unets, methods):
         attach(unet, method)
         steps[method] = training_step(unet, inputs, adamw([p for p in unet.parameters() if p.requires_grad], lr=1e-4))
 

@@ -1,0 +1,69 @@
+"""Benchmarks in reduced form: each row runs for real (a few steps) and writes finite numbers to its JSON.
+
+The figures themselves come from the full runs documented in docs/measurements.md; here only that every method
+row, the PEFT peers DoRA and DeLoRA included, runs through the same code and reports what the tables print.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("peft")
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def run(script: str, *args: str) -> None:
+    done = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True,
+                          cwd=BENCHMARKS)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_interleaved_runs_any_method_order_with_the_new_peers(tmp_path):
+    """The floor need not come first (siblings are copied from the plain UNet before any method attaches)."""
+    out = tmp_path / "interleaved.json"
+    methods = ["delora-r4", "dora-r4", "etherplus-n1", "backward-floor", "lora-r4"]
+    run("interleaved.py", "--quick", "--rounds", "2", "--warmup", "0", "--methods", ",".join(methods),
+        "--out", str(out))
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == set(methods)
+    for row in rows.values():
+        assert row["step_time_s"] > 0
+        assert math.isfinite(row["step_time_ratio_to_lora"]) and math.isfinite(row["step_time_ratio_to_floor"])
+
+
+def test_adapters_benchmark_has_dora_and_delora_rows(tmp_path):
+    out = tmp_path / "adapters.json"
+    run("adapters.py", "--quick", "--training-only", "--repeats", "1", "--methods", "lora-r4,dora-r4,delora-r4",
+        "--out", str(out))
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"lora-r4", "dora-r4", "delora-r4"}
+    assert rows["dora-r4"]["trainable_params"] > rows["lora-r4"]["trainable_params"]  # + one magnitude per output
+    for row in rows.values():
+        assert row["step_time_s"] > 0 and row["peak_memory_mb"] > 0 and row["adapter_file_bytes"] > 0
+        assert math.isfinite(row["step_time_ratio_to_lora"]) and math.isfinite(row["peak_memory_ratio_to_lora"])
+
+
+def test_subject_benchmark_reports_where_misses_lie(tmp_path):
+    """One random subject, ETHER+ and DeLoRA for a few steps: every share and the codec ceiling are written."""
+    out = tmp_path / "subjects.json"
+    run("subjects.py", "--subjects", "random-11", "--methods", "etherplus,delora-r4", "--steps", "2", "--seeds", "1",
+        "--sampling-steps", "2", "--codec-n", "1", "--out", str(out), "--grids", str(tmp_path / "grids"))
+    report = json.loads(out.read_text())
+    (part,) = report["subjects"]
+    assert part["subject"] == "random-11" and part["description"]
+    assert [r["method"] for r in part["rows"]] == ["etherplus", "delora-r4"]
+    for row in [part["base"], *part["rows"]]:
+        for key in ("subject_fidelity", "subject_match_rate", "identity_rate", "context_rate", "prompt_fidelity",
+                    "class_drift"):
+            assert 0.0 <= row[key] <= 1.0
+    assert part["rows"][0]["trainable_parameters"] < part["rows"][1]["trainable_parameters"]
+    assert len(part["codec_ceiling"]) == part["base"]["images"]  # one context per prompt (one seed each)
+    assert all(0 <= v["decoded_matches"] <= v["n"] for v in part["codec_ceiling"].values())
+    assert report["summary"]["random"]["etherplus"]["subjects"] == 1
+    assert (tmp_path / "grids" / "random-11.png").exists()
