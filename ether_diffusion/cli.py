@@ -90,6 +90,22 @@ def cmd_export(args: argparse.Namespace) -> None:
         print(f"control encoder written to {path} (a LoRA cannot hold it: load it beside; see docs/control.md)")
 
 
+def cmd_data_render(args: argparse.Namespace) -> None:
+    from .toyworld import world
+    from .toyworld.dataset import render_dataset
+
+    if args.n is not None and args.n < 1:
+        raise EtherError(f"--n must be at least 1, got {args.n}")
+    subject = f"{world.RANDOM_PREFIX}{args.seed}" if args.subject == "random" else args.subject
+    try:
+        world.get_subject(subject)
+    except KeyError as exc:
+        raise EtherError(exc.args[0]) from None
+    written = render_dataset(args.kind, args.out, n=args.n, seed=args.seed, subject=subject,
+                             control_kind=args.control_kind, layout=args.layout, token=args.token)
+    print(f"wrote {written}")
+
+
 def _lpips_model(choice: str):
     """`none`, a folder (missing files: an error) or `auto` (the usual download places; skipped if absent)."""
     from .lpips import Lpips, locate
@@ -191,6 +207,25 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p)
     p.set_defaults(func=cmd_eval)
 
+    data = sub.add_parser("data", help="write the embedded world's datasets (subject pictures, control pairs, "
+                                       "base captions)")
+    kinds = data.add_subparsers(dest="data_command", required=True)
+    p = kinds.add_parser("render", help="render a toy-world dataset as an imagefolder (metadata.jsonl) or a "
+                                        "folder of pictures with .txt captions")
+    p.add_argument("--kind", required=True, choices=["subject", "control", "base"])
+    p.add_argument("--out", required=True, help="folder to write")
+    p.add_argument("--subject", default="core-triangle",
+                   help="subject kind: a named subject, random (drawn from --seed) or random-N (default: core-triangle)")
+    p.add_argument("--control-kind", default="segmentation", choices=["segmentation", "edges"],
+                   help="control kind: the map drawn beside each picture (default: segmentation)")
+    p.add_argument("--n", type=int, default=None, help="pictures (default: 5 for subject, 200 otherwise)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the scenes (default: 0)")
+    p.add_argument("--layout", default="imagefolder", choices=["imagefolder", "folder"],
+                   help="imagefolder: metadata.jsonl rows for --dataset-name (default); folder: .txt captions for "
+                        "--instance-dir, or the metadata.jsonl --data-dir reads for control")
+    p.add_argument("--token", default="sks", help="subject kind: the identifier in captions (default: sks)")
+    p.set_defaults(func=cmd_data_render)
+
     from .train.cli import add_train_parser
 
     add_train_parser(sub)
@@ -224,6 +259,7 @@ def quiet_libraries() -> None:
         os.environ.setdefault(variable, "error")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; our own progress bars stay
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     import logging
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

@@ -181,3 +181,90 @@ def load_control_folder(folder: str | Path) -> list[ControlExample]:
     if not examples:
         raise EtherError(f"{meta} has no rows")
     return examples
+
+
+def _cell_image(value, column: str, row: int) -> Image.Image:
+    """A dataset cell as an RGB picture; EtherError naming the row and column when it is none."""
+    if isinstance(value, Image.Image):
+        return to_rgb(value)
+    if value is None:
+        raise EtherError(f"row {row}: column {column!r} is empty")
+    raise EtherError(f"row {row}: column {column!r} is not an image (a {type(value).__name__}); give an image "
+                     "column (datasets' Image feature, or *_file_name in an imagefolder's metadata.jsonl)")
+
+
+def _cell_text(value, column: str, row: int) -> str:
+    if not isinstance(value, str):
+        raise EtherError(f"row {row}: column {column!r} is not text (a {type(value).__name__})")
+    return value
+
+
+def _check_imagefolder_files(folder: Path) -> None:
+    """A local imagefolder's metadata.jsonl rows name files that exist: the missing one is named by its row before
+    `datasets` fails on it with a stack of its own."""
+    import json
+
+    meta = folder / "metadata.jsonl"
+    if not meta.is_file():
+        return
+    for number, line in enumerate(meta.read_text(encoding="utf-8", errors="replace").splitlines(), start=1):
+        try:
+            entry = json.loads(line) if line.strip() else {}
+        except json.JSONDecodeError as exc:
+            raise EtherError(f"{meta} row {number}: not valid JSON ({exc.msg})") from None
+        for key, value in (entry.items() if isinstance(entry, dict) else ()):
+            if key.endswith("file_name") and isinstance(value, str) and not (folder / value).is_file():
+                raise EtherError(f"{meta} row {number}: {key} file not found: {value}")
+
+
+def load_dataset_table(name: str, columns: list[str]):
+    """The `train` split of a dataset `datasets.load_dataset` reads (a hub id, or a local folder such as an
+    imagefolder with metadata.jsonl), after checking it has `columns`; one-line EtherErrors otherwise."""
+    try:
+        import datasets
+    except ImportError:
+        raise EtherError("--dataset-name needs the datasets library: pip install 'ether-diffusion[datasets]'") from None
+    if Path(name).is_dir():
+        _check_imagefolder_files(Path(name))
+    try:
+        table = datasets.load_dataset(name, split="train")
+    except Exception as exc:  # an unreachable hub, a folder datasets cannot read, a bad file: one sentence
+        detail = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise EtherError(f"cannot load dataset {name!r}: {detail}") from None
+    missing = [c for c in columns if c not in table.column_names]
+    if missing:
+        raise EtherError(f"dataset {name!r} has no column {missing[0]!r} (its columns: "
+                         f"{', '.join(table.column_names)})")
+    return table
+
+
+def load_dataset_examples(name: str, image_column: str, caption_column: str | None,
+                          default_caption: str) -> list[Example]:
+    """Training pictures from a dataset (diffusers' `--dataset_name` / `--image_column` / `--caption_column`): each
+    row's caption from `caption_column`, or `default_caption` (the instance prompt) when it is None."""
+    table = load_dataset_table(name, [image_column, *([caption_column] if caption_column else [])])
+    examples = []
+    for number, row in enumerate(table, start=1):
+        image = _cell_image(row[image_column], image_column, number)
+        caption = _cell_text(row[caption_column], caption_column, number) if caption_column else default_caption
+        examples.append(Example(Path(f"{name}#{number}"), image, caption.strip() or default_caption))
+    if not examples:
+        raise EtherError(f"dataset {name!r} has no rows")
+    return examples
+
+
+def load_control_dataset(name: str, image_column: str, conditioning_image_column: str,
+                         caption_column: str) -> list[ControlExample]:
+    """Control rows from a dataset (diffusers' ControlNet script's `--conditioning_image_column` and friends)."""
+    table = load_dataset_table(name, [image_column, conditioning_image_column, caption_column])
+    examples = []
+    for number, row in enumerate(table, start=1):
+        image = _cell_image(row[image_column], image_column, number)
+        control = _cell_image(row[conditioning_image_column], conditioning_image_column, number)
+        if image.size != control.size:
+            raise EtherError(f"row {number}: {image_column} is {image.size[0]}×{image.size[1]} but "
+                             f"{conditioning_image_column} is {control.size[0]}×{control.size[1]}")
+        examples.append(ControlExample(image, control, _cell_text(row[caption_column], caption_column, number)))
+    if not examples:
+        raise EtherError(f"dataset {name!r} has no rows")
+    return examples

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +23,8 @@ from .errors import EtherError
 from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
 from .runtime import add_device_arguments, mixed_precision_for, resolve_device, resolve_dtype
 from .toyworld import checker, world
-from .toyworld.evaluate import judge, subject_prompt, subject_prompts
+from .toyworld.dataset import subject_rows, write_caption_folder
+from .toyworld.evaluate import judge, subject_prompts
 from .train import DreamBoothConfig, train_dreambooth
 
 
@@ -48,9 +48,6 @@ class DemoSettings:
     dtype: str = "auto"
 
 
-INSTANCE_CONTEXTS = (("large", "white"), ("small", "white"), ("large", "gray"), ("small", "gray"))
-
-
 def instance_prompt(settings: DemoSettings) -> str:
     return world.subject_caption(settings.subject, "white", token=settings.token)
 
@@ -60,15 +57,11 @@ def class_prompt(settings: DemoSettings) -> str:
 
 
 def render_instances(settings: DemoSettings, folder: Path) -> None:
-    """The user's 'photos': the subject at both sizes and different places, on white and gray only (black is left
-    for the new contexts), each with a `.txt` caption saying what it shows, as kohya-style datasets do."""
-    rng = random.Random(settings.seed)
-    for i in range(settings.instance_images):
-        size, background = INSTANCE_CONTEXTS[i % len(INSTANCE_CONTEXTS)]
-        image = world.render(world.subject_scene(rng, settings.subject, background=background, size=size))
-        text = subject_prompt(settings.token, settings.subject, background, size).text
-        atomic_write(folder / f"{settings.subject}-{i}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
-        atomic_write_text(folder / f"{settings.subject}-{i}.txt", text + "\n")
+    """The user's 'photos' (`ether-diffusion data render --kind subject --layout folder`): the subject at both sizes
+    and different places, on white and gray only (black is left for the new contexts), each with a `.txt` caption
+    saying what it shows, as kohya-style datasets do."""
+    write_caption_folder(subject_rows(settings.subject, settings.instance_images, settings.seed, settings.token),
+                         folder)
 
 
 def _sample(pipe, settings: DemoSettings, text: str) -> list[Image.Image]:

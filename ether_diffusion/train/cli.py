@@ -11,6 +11,9 @@ SHORT_HELP = {
     "instance_dir": "folder of subject photos (jpg/png/webp, optional name.txt captions)",
     "instance_prompt": "prompt with the identifier, e.g. 'a photo of sks dog'",
     "data_dir": "folder with metadata.jsonl rows {image, conditioning_image, text} (paths relative to it)",
+    "dataset_name": "instead of a folder: a hub dataset id or a local folder datasets.load_dataset reads (an "
+                    "imagefolder with metadata.jsonl); needs pip install 'ether-diffusion[datasets]'",
+    "caption_column": "the dataset's caption column (dreambooth default: the instance prompt for every picture)",
     "control_kind": "what the control images are: segmentation, edges, depth, pose or other",
     "train_adapters": "train ETHER adapters (control: --no-train-adapters trains the encoder alone)",
     "output_dir": "where the adapter, checkpoints and validation images go "

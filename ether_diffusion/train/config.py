@@ -109,6 +109,9 @@ class DreamBoothConfig(TrainingConfig):
 
     instance_dir: str = ""
     instance_prompt: str = ""
+    dataset_name: str | None = None
+    image_column: str = "image"
+    caption_column: str | None = None
     train_text_encoder: bool = False
     text_encoder_targets: str = "text"
     text_encoder_lr: float | None = None
@@ -125,8 +128,8 @@ class DreamBoothConfig(TrainingConfig):
         return self.instance_prompt
 
     def validate(self) -> None:
-        if not self.instance_dir:
-            raise EtherError("--instance-dir is required")
+        if bool(self.instance_dir) == bool(self.dataset_name):
+            raise EtherError("give the pictures as --instance-dir DIR or as --dataset-name NAME (one of them)")
         if not self.instance_prompt:
             raise EtherError("--instance-prompt is required (e.g. 'a photo of sks dog')")
         super().validate()
@@ -142,6 +145,10 @@ class ControlConfig(TrainingConfig):
     feed-forward layers at LR 1e-3, the control encoder at 1e-4."""
 
     data_dir: str = ""
+    dataset_name: str | None = None
+    image_column: str = "image"
+    conditioning_image_column: str = "conditioning_image"
+    caption_column: str = "text"
     control_kind: str = "segmentation"
     method: str = "etherplus"
     targets: str = "attn+ff"
@@ -157,8 +164,9 @@ class ControlConfig(TrainingConfig):
         return f"control-{self.control_kind}"
 
     def validate(self) -> None:
-        if not self.data_dir:
-            raise EtherError("--data-dir is required (a folder with metadata.jsonl)")
+        if bool(self.data_dir) == bool(self.dataset_name):
+            raise EtherError("give the pairs as --data-dir DIR (a folder with metadata.jsonl) or as --dataset-name "
+                             "NAME (one of them)")
         super().validate()
         if self.control_kind not in CONTROL_KINDS:
             raise EtherError(f"control_kind must be one of {', '.join(CONTROL_KINDS)}, got {self.control_kind!r}")

@@ -19,7 +19,7 @@ from .. import inject
 from ..adapter_file import CONTROL_MODULE, AdapterFile, copy_vectors, save_adapter
 from ..atomic import atomic_write, atomic_write_text
 from ..control import attach_control, build_encoder, control_image, encoder_config
-from ..data import ControlExample, Example, load_control_folder, prepare
+from ..data import ControlExample, Example, load_control_dataset, load_control_folder, prepare
 from ..layers import AdapterConfig
 from ..pipelines import describe_base, generate, image_grid
 from .common import (
@@ -65,7 +65,11 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
     """
     cfg.validate()
     adapter_cfg = AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides, targets=cfg.targets)
-    rows = load_control_folder(cfg.data_dir)  # every row checked before any model loads
+    if cfg.dataset_name:  # every row checked before any model loads
+        rows = load_control_dataset(cfg.dataset_name, cfg.image_column, cfg.conditioning_image_column,
+                                    cfg.caption_column)
+    else:
+        rows = load_control_folder(cfg.data_dir)
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes

@@ -27,7 +27,7 @@ SAME = ("output_dir", "instance_prompt", "class_prompt", "resolution", "train_ba
         "prior_loss_weight", "sample_batch_size", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
         "max_grad_norm", "snr_gamma", "noise_offset", "resume_from_checkpoint", "text_encoder_lr",
         "timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end",
-        "timestep_bias_portion")
+        "timestep_bias_portion", "dataset_name", "image_column", "caption_column")
 SWITCHES = ("with_prior_preservation", "train_text_encoder", "gradient_checkpointing", "use_8bit_adam",
             "center_crop", "random_flip")
 ETHER_FLAGS = {"method": "ether or etherplus (default etherplus)", "n_blocks": "block-diagonal blocks (default 1)",
@@ -93,7 +93,7 @@ def config_from_args(argv: list[str] | None = None) -> DreamBoothConfig:
         except ValueError:
             raise EtherError(f"--validation_epochs must be an integer, got {args.validation_epochs!r}") from None
         batch = cfg.train_batch_size * cfg.gradient_accumulation_steps
-        cfg.validation_steps = max(1, epochs * steps_per_epoch(cfg.instance_dir, batch))
+        cfg.validation_steps = max(1, epochs * steps_per_epoch(cfg.instance_dir or cfg.dataset_name, batch))
     return cfg
 
 

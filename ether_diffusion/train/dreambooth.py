@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .. import inject
 from ..adapter_file import copy_vectors, save_adapter
 from ..atomic import atomic_write, atomic_write_text
-from ..data import Example, check_resolution, load_folder
+from ..data import Example, check_resolution, load_dataset_examples, load_folder
 from ..errors import EtherError
 from ..layers import AdapterConfig
 from ..pipelines import describe_base, image_grid, pipeline_components
@@ -133,7 +133,10 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
     AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides, targets=cfg.targets)  # checks early
     if cfg.resolution is not None:
         check_resolution(cfg.resolution)
-    instance = load_folder(cfg.instance_dir, cfg.instance_prompt)  # bad data fails before any model loads
+    if cfg.dataset_name:  # bad data fails before any model loads
+        instance = load_dataset_examples(cfg.dataset_name, cfg.image_column, cfg.caption_column, cfg.instance_prompt)
+    else:
+        instance = load_folder(cfg.instance_dir, cfg.instance_prompt)
     output_dir = Path(cfg.output_dir)
     accelerator = make_accelerator(cfg)
     rank, world = accelerator.process_index, accelerator.num_processes
