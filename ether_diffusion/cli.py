@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import warnings
 from pathlib import Path
 
+from .console import run_command
 from .errors import EtherError
 from .pipelines import SCHEDULERS
 from .runtime import DEVICES, DTYPES, add_device_arguments, device_and_dtype, resolve_device
@@ -69,6 +68,8 @@ def _pipeline_with_adapters(base: str | None, specs: list[str], default_strength
 
 
 def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
     from . import inject
     from .pipelines import pipeline_components
     from .control import control_strengths
@@ -77,7 +78,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     # adapters are fused / factorised in fp64 from the fp32 base; --dtype is the precision of what is written
     pipe = _pipeline_with_adapters(args.base, args.adapters, args.strength, device=resolve_device(args.device))
     source = {"adapters": args.adapters, "base": args.base or "embedded", "strength": args.strength}
-    dtype = DTYPES[args.dtype]
+    if args.dtype is not None:
+        dtype = DTYPES[args.dtype]
+    elif args.to == "merged":  # as save_pretrained: the precision the base came in
+        from .pipelines import stored_dtype
+
+        dtype = stored_dtype(args.base)
+    else:  # LoRA files in half precision, as kohya and diffusers write them
+        dtype = torch.float16
     if args.to == "merged":
         path = export_merged(pipe, args.out, single_file_unet=args.single_file, dtype=dtype)
         print(f"merged pipeline written to {path}")
@@ -180,8 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="file (lora, kohya, merged --single-file) or folder (merged)")
     p.add_argument("--base", default=None, help="the base the adapters were trained on (default: embedded)")
     p.add_argument("--strength", type=float, default=1.0, help="strength for adapters given without :STRENGTH")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp16",
-                   help="precision of the written LoRA tensors or merged weights (computed in fp64 either way)")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None,
+                   help="precision of what is written (computed in fp64 either way); default: fp16 for lora / "
+                        "kohya files (as kohya and diffusers write them), the base's own stored precision for "
+                        "merged (as save_pretrained keeps it: an fp32 base stays fp32, so --strength 0 gives the "
+                        "base back exactly)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to merge / factorise (auto: cuda if present)")
     p.add_argument("--single-file", action="store_true", help="merged: write only the UNet as one .safetensors")
     p.set_defaults(func=cmd_export)
@@ -241,47 +252,6 @@ def build_parser() -> argparse.ArgumentParser:
     for action in sub.choices.values():
         _add_common(action)
     return parser
-
-
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
-
-
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
-    """Our own warnings as plain `warning: …` lines; other libraries' Python warnings are dropped."""
-    if str(Path(filename).resolve()).startswith(PACKAGE_DIR):
-        print(f"warning: {message}", file=sys.stderr)
-
-
-def quiet_libraries() -> None:
-    """Silence third-party chatter (transformers / diffusers advice, deprecations) for a clean command output;
-    `--debug` keeps all of it. Set before those libraries are imported, so their loggers start quiet."""
-    for variable in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY"):
-        os.environ.setdefault(variable, "error")
-    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # loading bars; our own progress bars stay
-    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
-    import logging
-
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    warnings.showwarning = _show_warning
-
-
-def run_command(work, debug: bool = False) -> int:
-    """Run a command's work as every entry point does (`ether-diffusion`, the apps/ programs): quiet libraries
-    unless debugging, a user error as one `error: …` line and exit status 2, Ctrl-C as 130."""
-    if not debug:
-        quiet_libraries()
-    try:
-        work()
-    except EtherError as exc:
-        if debug:
-            raise
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

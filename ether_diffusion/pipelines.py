@@ -45,6 +45,40 @@ def _load_from(source: str, dtype: torch.dtype, offline_only: bool):
                                              local_files_only=offline_only)
 
 
+def _pipeline_folder(base: str | None) -> Path | None:
+    """The local folder a base loads from: the embedded model, a folder, or a hub id's cached snapshot."""
+    base = describe_base(base)
+    if base == EMBEDDED_NAME:
+        return EMBEDDED_MODEL_DIR
+    if Path(base).is_dir():
+        return Path(base)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(base, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or not a hub id): the precision is unknown
+        return None
+
+
+def stored_dtype(base: str | None) -> torch.dtype:
+    """The precision the base's denoiser weights are stored in (what `save_pretrained` of an unconverted model
+    writes back): the first floating tensor in the `unet/` or `transformer/` safetensors header; fp32 if unknown."""
+    import json
+    import struct
+
+    names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+    folder = _pipeline_folder(base)
+    files = sorted(f for sub in ("unet", "transformer") for f in (folder / sub).glob("*.safetensors")) if folder else []
+    for file in files:
+        with open(file, "rb") as fh:
+            (size,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(size))
+        for entry in header.values():
+            if isinstance(entry, dict) and entry.get("dtype") in names:
+                return names[entry["dtype"]]
+    return torch.float32
+
+
 def load_pipeline(base: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A diffusers pipeline from the embedded default (None / 'embedded'), a local folder or a hub id.
 

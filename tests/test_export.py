@@ -137,3 +137,33 @@ def test_cli_export_and_foreign_base_refused(tmp_path, tiny_pipe_dir):
     other.save_pretrained(other_dir)
     assert main(["export", str(adapter), "--to", "lora", "--out", str(tmp_path / "x.safetensors"),
                  "--base", str(other_dir)]) == 2
+
+
+def test_export_defaults_keep_the_base_precision_for_merged_and_write_fp16_loras(tmp_path, tiny_pipe_dir):
+    """What a user gets without --dtype: a merged export of an fp32 base at strength 0 is the base, bit for bit
+    (every weight, adapted or not); a half-precision base stays half; LoRA files are fp16 as kohya writes them."""
+    from safetensors.torch import load_file
+    from test_pipeline_verbs import make_file
+
+    from ether_diffusion.cli import main
+
+    adapter = make_file(tmp_path / "a.safetensors", 3, text=True)
+    base = {f: load_file(f) for f in sorted(tiny_pipe_dir.glob("*/*.safetensors"))}
+    assert main(["export", f"{adapter}:0", "--to", "merged", "--out", str(tmp_path / "m"),
+                 "--base", str(tiny_pipe_dir)]) == 0
+    for file, tensors in base.items():
+        got = load_file(tmp_path / "m" / file.parent.name / file.name)
+        assert got.keys() == tensors.keys()
+        assert all(torch.equal(got[k], tensors[k]) for k in tensors), file
+    assert main(["export", str(adapter), "--to", "lora", "--out", str(tmp_path / "l.safetensors"),
+                 "--base", str(tiny_pipe_dir)]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "l.safetensors").values()} == {torch.float16}
+    half = tmp_path / "half"
+    tiny_sd_pipeline().to(torch.float16).save_pretrained(half)
+    assert main(["export", str(adapter), "--to", "merged", "--out", str(tmp_path / "mh"), "--base", str(half)]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "mh" / "unet" / "diffusion_pytorch_model.safetensors").values()} \
+        == {torch.float16}
+    assert main(["export", str(adapter), "--to", "merged", "--out", str(tmp_path / "mb"), "--base", str(tiny_pipe_dir),
+                 "--dtype", "bf16"]) == 0
+    assert {t.dtype for t in load_file(tmp_path / "mb" / "unet" / "diffusion_pytorch_model.safetensors").values()} \
+        == {torch.bfloat16}
