@@ -104,8 +104,11 @@ def build_app(studio: Studio, slots: int = SLOTS):
         gr.Markdown("## ether-diffusion · sample from ETHER adapters")
         with gr.Row():
             with gr.Column(scale=1):
-                prompt = gr.Textbox(label="Prompt", elem_id="prompt", value="a large red circle on a white background")
-                negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
+                # what every run needs sits together at the top (as in A1111 / Fooocus); the rest is folded away
+                with gr.Row(equal_height=True):
+                    prompt = gr.Textbox(label="Prompt", elem_id="prompt", scale=4,
+                                        value="a large red circle on a white background")
+                    go = gr.Button("Generate", variant="primary", elem_id="generate", scale=1)
                 dropdowns, sliders = [], []
                 for i in range(slots):
                     with gr.Row():
@@ -113,14 +116,13 @@ def build_app(studio: Studio, slots: int = SLOTS):
                                                      elem_id=f"adapter{i}", allow_custom_value=False))
                         sliders.append(gr.Slider(*LIMITS["strength"], value=1.0, step=0.05, label="strength",
                                                  elem_id=f"strength{i}"))
-                info = gr.Markdown(describe(), elem_id="adapter-info")
-                insert = gr.Button("Insert trigger prompt", elem_id="insert")
-                uploaded = gr.File(label="Upload an adapter (.safetensors)", file_types=[".safetensors"],
-                                   type="filepath", elem_id="upload")
-                upload_status = gr.Markdown(elem_id="upload-status")
-                control = gr.Image(label="Control image (segmentation / edge map, for control adapters)", type="pil",
-                                   elem_id="control-image", image_mode="RGB")
-                with gr.Accordion("Settings", open=False):
+                with gr.Row():
+                    info = gr.Markdown(describe(), elem_id="adapter-info")
+                    insert = gr.Button("Insert trigger prompt", elem_id="insert", size="sm")
+                mode = gr.Radio(["single", "compare", "sweep"], value="single", label="mode",
+                                info="compare: base vs adapted, same seed · sweep: first adapter over strengths")
+                with gr.Accordion("Negative prompt and settings", open=False):
+                    negative = gr.Textbox("", label="Negative prompt", elem_id="negative")
                     with gr.Row():
                         seed = gr.Number(0, label="seed", precision=0, elem_id="seed")
                         random_seed = gr.Checkbox(False, label="random seed")
@@ -130,9 +132,13 @@ def build_app(studio: Studio, slots: int = SLOTS):
                     num_images = gr.Slider(*LIMITS["num_images"], value=2, step=1, label="images")
                     size = gr.Slider(studio.size_multiple, studio.native_size * 2, value=studio.native_size,
                                      step=studio.size_multiple, label="size (px)")
-                mode = gr.Radio(["single", "compare", "sweep"], value="single", label="mode",
-                                info="compare: base vs adapted, same seed · sweep: first adapter over strengths")
-                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                with gr.Accordion("Upload an adapter", open=False):
+                    uploaded = gr.File(label="Adapter file (.safetensors)", file_types=[".safetensors"],
+                                       type="filepath", elem_id="upload")
+                    upload_status = gr.Markdown(elem_id="upload-status")
+                with gr.Accordion("Control image (for control adapters)", open=False):
+                    control = gr.Image(label="Control image (segmentation / edge map)", type="pil",
+                                       elem_id="control-image", image_mode="RGB")
             with gr.Column(scale=1):
                 gallery = gr.Gallery(label="Results", elem_id="gallery", columns=4, format="png", height="auto")
                 status = gr.Markdown(elem_id="status")
@@ -179,7 +185,8 @@ def add_app_arguments(p) -> None:
     p.add_argument("--base", default=env("ETHER_BASE"),
                    help="diffusers folder or hub id (env ETHER_BASE; default: the embedded model)")
     p.add_argument("--adapters-dir", default=env("ETHER_ADAPTERS_DIR"),
-                   help=f"adapter files to offer (env ETHER_ADAPTERS_DIR; default: {default_adapters_dir()})")
+                   help="adapter files to offer (env ETHER_ADAPTERS_DIR; default: "
+                        "$XDG_DATA_HOME/ether-diffusion/adapters, else ~/.local/share/ether-diffusion/adapters)")
     p.add_argument("--host", default=env("GRADIO_SERVER_NAME", "127.0.0.1"), help="env GRADIO_SERVER_NAME")
     p.add_argument("--port", type=int, default=env("GRADIO_SERVER_PORT", "7860"), help="env GRADIO_SERVER_PORT")
     add_device_arguments(p)
@@ -198,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     `ether-diffusion app`, user errors as one line and exit status 2."""
     import argparse
 
-    from .cli import run_command
+    from .console import run_command
 
     parser = argparse.ArgumentParser(prog="app.py", description="ether-diffusion: sample from ETHER adapters")
     add_app_arguments(parser)

@@ -160,6 +160,11 @@ def test_real_browser_picks_an_adapter_and_generates(served, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=args)
         page = browser.new_page()
         page.goto(url)
+        # the first screen: prompt, Generate and the adapter picker together at the top, uploads folded away
+        for element in ("#prompt", "#generate", "#adapter0"):
+            box = page.locator(element).bounding_box()
+            assert box is not None and box["y"] + box["height"] < 360, (element, box)
+        assert not page.locator("#upload").is_visible() and not page.locator("#control-image").is_visible()
         page.locator("#adapter0 input").click()
         page.get_by_role("option", name=studio.list_adapters()[0]).click()
         page.locator("#adapter-info").get_by_text("trigger").wait_for(timeout=30_000)

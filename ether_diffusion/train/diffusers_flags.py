@@ -99,7 +99,7 @@ def config_from_args(argv: list[str] | None = None) -> DreamBoothConfig:
 
 def main(argv: list[str] | None = None) -> int:
     """Train as `ether-diffusion train dreambooth` would; exit status 2 with one line for user errors."""
-    from ..cli import run_command
+    from ..console import run_command
     from .cli import announce_adapter
     from .dreambooth import train_dreambooth
 
