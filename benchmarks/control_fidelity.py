@@ -5,8 +5,8 @@
     python benchmarks/control_fidelity.py --merge a.json b.json --out both.json   # runs made in parallel
 
 Trains, on the embedded base model, with the same rendered pairs, seeds and step budget: the control encoder
-alone, encoder + ETHER, encoder + ETHER+ (both on attn+ff, LR 1e-3 unless NAME@LR) and encoder + PEFT LoRA r=4
-(LR 6e-4) on the same layers (trained in the same loop); the encoder's LR is the same for all (`--encoder-lr`,
+alone, encoder + ETHER, encoder + ETHER+ (both on attn+ff, LR 1e-3 unless NAME@LR), encoder + PEFT LoRA r=4
+(LR 6e-4) and encoder + PEFT DeLoRA r=4 (LR 6e-3, lambda 15) on the same layers (trained in the same loop); the encoder's LR is the same for all (`--encoder-lr`,
 paper 1e-4). Each is scored on the same held-out scenes and seeds by the toy-world checker: IoU between the
 map's object and the object found in the picture, and caption attribute accuracy; every row's per-scene IoU
 gain over the encoder-only row comes with a bootstrap 95% interval. The base model without control is scored
@@ -38,6 +38,7 @@ METHODS = {  # name → (ControlConfig overrides, PEFT method or None)
     "ether": ({"method": "ether", "learning_rate": 1e-3}, None),
     "etherplus": ({"method": "etherplus", "learning_rate": 1e-3}, None),
     "lora": ({"train_adapters": False, "learning_rate": 6e-4}, "lora-r4"),
+    "delora": ({"train_adapters": False, "learning_rate": 6e-3}, "delora-r4"),  # PEFT's docs: 10-100x LoRA's LR
 }
 
 
@@ -64,7 +65,7 @@ def run_method(spec: str, data: Path, work: Path, args) -> dict:
     train_control(cfg, pipe=pipe, extra_trainable=extra)
     seconds = time.time() - t0
     summary = json.loads((work / spec / "training_summary.json").read_text())
-    trainable = summary["trainable_parameters"] + (sum(p.numel() for p in extra) if extra else 0)
+    trainable = summary["trainable_parameters"]  # the loop counts every group it trained, extra ones included
     pipe.unet.eval()
     with torch.no_grad():
         scores = control_fidelity(pipe, args.kind, args.eval_n, args.eval_seed, steps=args.eval_steps)
