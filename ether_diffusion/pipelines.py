@@ -6,6 +6,7 @@ The pipeline-level verbs are named after diffusers' LoRA verbs (`load_lora_weigh
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -63,7 +64,6 @@ def _pipeline_folder(base: str | None) -> Path | None:
 def stored_dtype(base: str | None) -> torch.dtype:
     """The precision the base's denoiser weights are stored in (what `save_pretrained` of an unconverted model
     writes back): the first floating tensor in the `unet/` or `transformer/` safetensors header; fp32 if unknown."""
-    import json
     import struct
 
     names = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
@@ -79,6 +79,22 @@ def stored_dtype(base: str | None) -> torch.dtype:
     return torch.float32
 
 
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def check_supported(model_index: dict) -> None:
+    """Refuse, in one sentence naming it, a pipeline whose denoiser is not a `UNet2DConditionModel` (a FLUX.1 or
+    SD3 transformer, say): training, sampling and export all work on that UNet and its CLIP text encoders."""
+    unet = model_index.get("unet")
+    if isinstance(unet, (list, tuple)) and len(unet) == 2 and unet[1] == "UNet2DConditionModel":
+        return
+    kind = model_index.get("_class_name", "this pipeline")
+    denoiser = next((v[1] for k, v in model_index.items() if k in ("unet", "transformer", "prior")
+                     and isinstance(v, (list, tuple)) and len(v) == 2), "no UNet")
+    raise EtherError(f"{kind} (denoiser: {denoiser}) is not supported: ether-diffusion works with pipelines whose "
+                     f"denoiser is a UNet2DConditionModel ({', '.join(SUPPORTED_PIPELINES)}: SD 1.x, 2.x, SDXL)")
+
+
 def load_pipeline(base: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A diffusers pipeline from the embedded default (None / 'embedded'), a local folder or a hub id.
 
@@ -90,8 +106,13 @@ def load_pipeline(base: str | None = None, dtype: torch.dtype = torch.float32, d
             raise EtherError(f"the embedded base model is missing from {EMBEDDED_MODEL_DIR}; reinstall ether-diffusion")
         pipe = _load_from(str(EMBEDDED_MODEL_DIR), dtype, offline_only=True)
     elif Path(base).exists():
-        if not (Path(base) / "model_index.json").is_file():
+        index = Path(base) / "model_index.json"
+        if not index.is_file():
             raise EtherError(f"{base} is not a diffusers pipeline folder (no model_index.json)")
+        try:
+            check_supported(json.loads(index.read_text()))
+        except json.JSONDecodeError:
+            raise EtherError(f"{index} is not valid JSON") from None
         try:
             pipe = _load_from(base, dtype, offline_only=True)
         except (OSError, ValueError, EnvironmentError) as exc:
@@ -104,6 +125,7 @@ def load_pipeline(base: str | None = None, dtype: torch.dtype = torch.float32, d
         except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
             raise EtherError(f"could not get {base!r} from the Hugging Face hub (offline, unknown id or no access): "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        check_supported(dict(pipe.config))  # a hub id's kind is known once its model_index.json is read
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 

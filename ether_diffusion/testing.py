@@ -1,6 +1,7 @@
-"""Tiny Stable Diffusion pipelines with random weights, built from configs (tests and quick benchmarks).
+"""Tiny diffusion pipelines with random weights, built from configs (tests and quick benchmarks).
 
-SD-1.x-like and SDXL-like, sharing the toy world's word-level tokenizer so that nothing is downloaded.
+SD-1.x-, SDXL-, FLUX.1- and SD3-like, sharing the toy world's word-level CLIP tokenizer and a T5 tokenizer trained
+here, so that nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -83,6 +84,64 @@ def tiny_sdxl_pipeline(seed: int = 0):
         text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=_tokenizer(), unet=unet,
         scheduler=_scheduler("epsilon"),
     )
+
+
+T5_SENTENCES = ("a large red circle on a white background", "a photo of sks dog on the beach",
+                "a small blue and yellow striped square on a gray background", "a photo of a dog")
+
+
+def t5_tokenizer():
+    """A T5 tokenizer made here (a small unigram model trained on a few sentences), since T5's own comes from a hub."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import T5TokenizerFast
+
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(T5_SENTENCES, trainers.UnigramTrainer(
+        vocab_size=64, special_tokens=["<pad>", "</s>", "<unk>"], unk_token="<unk>"))
+    return T5TokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", extra_ids=0,
+                           model_max_length=32)
+
+
+def _t5():
+    from transformers import T5Config, T5EncoderModel
+
+    return T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4))
+
+
+def tiny_flux_pipeline(seed: int = 0):
+    """A FLUX.1-shaped pipeline (double and single transformer blocks, CLIP + T5, flow matching)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
+                                         pooled_projection_dim=CROSS_DIM, axes_dims_rope=[4, 4, 8])
+    vae = AutoencoderKL(block_out_channels=(16, 16, 16), norm_num_groups=8, latent_channels=4, sample_size=32,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    return FluxPipeline(transformer=transformer, vae=vae, text_encoder=CLIPTextModel(_text_config()),
+                        tokenizer=_tokenizer(), text_encoder_2=_t5(), tokenizer_2=t5_tokenizer(),
+                        scheduler=FlowMatchEulerDiscreteScheduler())
+
+
+def tiny_sd3_pipeline(seed: int = 0):
+    """An SD3-shaped pipeline (joint transformer blocks, two CLIP encoders + T5, flow matching)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32,
+                                        caption_projection_dim=32, pooled_projection_dim=2 * CROSS_DIM, out_channels=4)
+    vae = AutoencoderKL(block_out_channels=(16, 16, 16), norm_num_groups=8, latent_channels=4, sample_size=32,
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        shift_factor=0.0609, scaling_factor=1.5035)
+    return StableDiffusion3Pipeline(
+        transformer=transformer, vae=vae, text_encoder=CLIPTextModelWithProjection(_text_config()), tokenizer=_tokenizer(),
+        text_encoder_2=CLIPTextModelWithProjection(_text_config()), tokenizer_2=_tokenizer(), text_encoder_3=_t5(),
+        tokenizer_3=t5_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler())
 
 
 def tiny_backbones(folder) -> tuple[str, str]:
