@@ -38,9 +38,10 @@ from ether_diffusion.demo import DemoSettings, dreambooth_config, render_instanc
 from ether_diffusion.pipelines import image_grid, load_pipeline
 from ether_diffusion.toyworld import world
 from ether_diffusion.toyworld.evaluate import codec_ceiling, subject_prompts
+from ether_diffusion.toyworld.subjects import RANDOM_PREFIX, get_subject
 
 RANDOM_SEEDS = (11, 22, 33, 44, 55, 66, 77, 88)  # fixed here, never chosen by result
-RANDOM_SUBJECTS = tuple(f"{world.RANDOM_PREFIX}{seed}" for seed in RANDOM_SEEDS)
+RANDOM_SUBJECTS = tuple(f"{RANDOM_PREFIX}{seed}" for seed in RANDOM_SEEDS)
 ETHER_LR = {"etherplus": DemoSettings.learning_rate, "ether": DemoSettings.learning_rate}
 METHODS = ("etherplus", "ether", "lora-r4", "dora-r4", "delora-r4")
 KEYS = ("subject_fidelity", "subject_match_rate", "identity_rate", "context_rate", "prompt_fidelity", "class_drift")
@@ -78,7 +79,7 @@ def run_subject(subject: str, args) -> dict:
     """Every method on one subject, in this process; writes the subject's grid and returns its part."""
     settings = DemoSettings(base=args.base, subject=subject, max_steps=args.steps, seed=args.seed,
                             sampling_steps=args.sampling_steps, seeds=args.seeds)
-    spec = world.get_subject(subject)
+    spec = get_subject(subject)
     with tempfile.TemporaryDirectory() as tmp:
         folders = {"instance": Path(tmp) / "instance", "class": Path(tmp) / "class", "runs": Path(tmp) / "runs"}
         render_instances(settings, folders["instance"])
@@ -163,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     groups = {"named": list(world.SUBJECTS), "random": list(RANDOM_SUBJECTS)}
     subjects = [s for item in args.subjects.split(",") for s in groups.get(item, [item])]
     for subject in subjects:
-        world.get_subject(subject)  # an unknown name fails before any run
+        get_subject(subject)  # an unknown name fails before any run
     parts_dir = args.out.with_suffix(".parts")
     parts_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

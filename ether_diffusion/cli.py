@@ -99,14 +99,14 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 
 def cmd_data_render(args: argparse.Namespace) -> None:
-    from .toyworld import world
     from .toyworld.dataset import render_dataset
+    from .toyworld.subjects import RANDOM_PREFIX, get_subject
 
     if args.n is not None and args.n < 1:
         raise EtherError(f"--n must be at least 1, got {args.n}")
-    subject = f"{world.RANDOM_PREFIX}{args.seed}" if args.subject == "random" else args.subject
+    subject = f"{RANDOM_PREFIX}{args.seed}" if args.subject == "random" else args.subject
     try:
-        world.get_subject(subject)
+        get_subject(subject)
     except KeyError as exc:
         raise EtherError(exc.args[0]) from None
     written = render_dataset(args.kind, args.out, n=args.n, seed=args.seed, subject=subject,

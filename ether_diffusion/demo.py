@@ -23,6 +23,7 @@ from .errors import EtherError
 from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
 from .runtime import add_device_arguments, mixed_precision_for, resolve_device, resolve_dtype
 from .toyworld import checker, world
+from .toyworld.subjects import RANDOM_PREFIX, get_subject
 from .toyworld.dataset import subject_rows, write_caption_folder
 from .toyworld.evaluate import judge, subject_prompts
 from .train import DreamBoothConfig, train_dreambooth
@@ -49,11 +50,11 @@ class DemoSettings:
 
 
 def instance_prompt(settings: DemoSettings) -> str:
-    return world.subject_caption(settings.subject, "white", token=settings.token)
+    return world.subject_caption(get_subject(settings.subject), "white", token=settings.token)
 
 
 def class_prompt(settings: DemoSettings) -> str:
-    return world.subject_caption(settings.subject, "white")
+    return world.subject_caption(get_subject(settings.subject), "white")
 
 
 def render_instances(settings: DemoSettings, folder: Path) -> None:
@@ -82,7 +83,7 @@ def score(pipe, settings: DemoSettings, adapted: bool) -> tuple[dict, list[list[
         judged += [judge(image, prompt, settings.subject) for image in row]
     class_row = _sample(pipe, settings, class_prompt(settings))
     rows.append(class_row)
-    class_scores = [checker.subject_similarity(image, settings.subject) for image in class_row]
+    class_scores = [checker.subject_similarity(image, get_subject(settings.subject)) for image in class_row]
     enable_ether(pipe)
     n = len(judged)
     return {
@@ -143,7 +144,7 @@ def dreambooth_config(settings: DemoSettings, instance_dir: Path, output_dir: Pa
 def run_demo(settings: DemoSettings) -> dict:
     """Run the demo and return its report (also written to OUT/report.json and OUT/report.md)."""
     try:
-        subject = world.get_subject(settings.subject)
+        subject = get_subject(settings.subject)
     except KeyError as e:
         raise EtherError(e.args[0]) from None
     out = Path(settings.out)
@@ -205,7 +206,7 @@ def add_demo_parser(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    subject = f"{world.RANDOM_PREFIX}{args.seed}" if args.subject == "random" else args.subject
+    subject = f"{RANDOM_PREFIX}{args.seed}" if args.subject == "random" else args.subject
     settings = DemoSettings(out=args.out, base=args.base, subject=subject, method=args.method,
                             train_text_encoder=args.train_text_encoder,
                             max_steps=args.max_steps, learning_rate=args.learning_rate,

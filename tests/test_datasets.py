@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from ether_diffusion import EtherError
 from ether_diffusion.cli import main
 from ether_diffusion.testing import tiny_sd_pipeline
-from ether_diffusion.toyworld import world
+from ether_diffusion.toyworld.subjects import get_subject
 from ether_diffusion.train import ControlConfig, DreamBoothConfig, train_control, train_dreambooth
 
 datasets = pytest.importorskip("datasets")
@@ -33,7 +33,7 @@ def test_render_writes_imagefolders_that_datasets_loads(tmp_path):
     render("--kind", "base", "--n", "4", "--out", str(tmp_path / "b"))
     subject = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "s"), split="train")
     assert subject.num_rows == 5 and all(t.startswith("a ") and " sks " in t for t in subject["text"])
-    spec = world.get_subject("random-4")
+    spec = get_subject("random-4")
     assert all(spec.class_word in t for t in subject["text"])
     control = datasets.load_dataset("imagefolder", data_dir=str(tmp_path / "c"), split="train")
     assert set(control.column_names) == {"image", "conditioning_image", "text"} and control.num_rows == 3

@@ -9,6 +9,7 @@ import pytest
 
 from ether_diffusion.toyworld import checker, world
 from ether_diffusion.toyworld.evaluate import checker_validation, named_attributes, subject_prompts
+from ether_diffusion.toyworld.subjects import get_subject, random_subject
 from ether_diffusion.toyworld.tokenizer import IDENTIFIER_TOKENS, build_vocab_and_merges
 
 
@@ -106,9 +107,9 @@ def test_subject_similarity_scores_the_exact_instance_not_its_family(name):
     """The subject matches at every size and place; every other member of its family (same shape, colours and
     pattern word, other geometry) and every plain object scores clearly below the match threshold. Random subjects
     (seeded draws nobody picked) are held to the same standard as the named ones."""
-    spec = world.get_subject(name)
+    spec = get_subject(name)
     rng = random.Random(6)
-    own = [checker.subject_similarity(world.render(world.subject_scene(rng, name, size=size)), name)
+    own = [checker.subject_similarity(world.render(world.subject_scene(rng, spec, size=size)), spec)
            for size in ("large", "small") for _ in range(8)]
     assert min(own) >= checker.SUBJECT_MATCH, (name, min(own))
     family = []
@@ -116,10 +117,10 @@ def test_subject_similarity_scores_the_exact_instance_not_its_family(name):
         if pattern == spec.pattern:
             continue
         for size in ("large", "small"):
-            scene = replace(world.subject_scene(rng, name, size=size), pattern=pattern)
-            family.append(checker.subject_similarity(world.render(scene), name))
+            scene = replace(world.subject_scene(rng, spec, size=size), pattern=pattern)
+            family.append(checker.subject_similarity(world.render(scene), spec))
     assert len(family) >= 6 and max(family) <= checker.SUBJECT_MATCH - 0.1, (name, max(family))
-    plain = [checker.subject_similarity(world.render(world.Scene(spec.shape, (c,), "white", "large", 32, 32, 17)), name)
+    plain = [checker.subject_similarity(world.render(world.Scene(spec.shape, (c,), "white", "large", 32, 32, 17)), spec)
              for c in world.OBJECT_COLOURS]
     assert max(plain) <= checker.SUBJECT_MATCH - 0.1, (name, max(plain))
 
@@ -156,13 +157,13 @@ def test_control_maps_follow_the_object():
 
 
 def test_random_subjects_are_seeded_valid_draws_from_every_family():
-    draws = [world.get_subject(name) for name in RANDOM_NAMES]
+    draws = [get_subject(name) for name in RANDOM_NAMES]
     assert [s.name for s in draws] == RANDOM_NAMES
-    assert world.random_subject(3) == world.get_subject("random-3")  # the same seed, the same subject
+    assert random_subject(3) == get_subject("random-3")  # the same seed, the same subject
     for s in draws:
         assert s.shape in world.SHAPES and s.pattern in world.pattern_family(s.pattern.kind)
         assert len(set(s.colours)) == 2 and s.colours == world.colour_pair(*s.colours)
-        assert world.subject_caption(s.name, "white", token="sks").startswith("a sks ")
+        assert world.subject_caption(s, "white", token="sks").startswith("a sks ")
     assert len({s.shape for s in draws}) >= 3 and len({s.pattern.kind for s in draws}) >= 3
     with pytest.raises(KeyError, match="random-SEED"):
-        world.get_subject("random-x")
+        get_subject("random-x")

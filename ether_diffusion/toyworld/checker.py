@@ -11,7 +11,6 @@ the subject, and a plain object in one of its colours at most one half.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,9 +23,8 @@ from .world import (
     PATTERN_WORDS,
     SHAPES,
     SIZE_THRESHOLD,
-    SIZES,
     Subject,
-    get_subject,
+    as_subject,
     Pattern,
     Scene,
     colour_pair,
@@ -34,8 +32,6 @@ from .world import (
     object_colour_field,
     pattern_family,
     pattern_secondary,
-    random_placement,
-    render,
     shape_mask,
 )
 
@@ -198,27 +194,8 @@ def instance_similarity(image: Image.Image | np.ndarray, shape: str, colours: tu
     return agreement * coverage
 
 
-def subject_similarity(image: Image.Image | np.ndarray, subject: str) -> float:
-    """How exactly the picture shows a subject (named or `random-SEED`): `instance_similarity` with its look."""
-    spec = get_subject(subject)
+def subject_similarity(image: Image.Image | np.ndarray, subject: Subject | str) -> float:
+    """How exactly the picture shows a subject (a Subject, or a named subject's name): `instance_similarity`
+    with its look."""
+    spec = as_subject(subject)
     return instance_similarity(image, spec.shape, spec.colours, spec.pattern)
-
-
-def is_separable(subject: Subject, placements: int = 4) -> bool:
-    """Whether the checker can judge this exact instance as surely as the named subjects: its own renders (both
-    sizes, several places) score at least `SUBJECT_MATCH + 0.05`, and every other member of its family (same
-    shape, colours and pattern word, other geometry) at most `SUBJECT_MATCH - 0.1`. Deterministic (fixed places)."""
-    rng = random.Random(0)
-    family = [p for p in pattern_family(subject.pattern.kind) if p != subject.pattern]
-    for size in SIZES:
-        for _ in range(placements):
-            place = random_placement(rng, size)
-            own = render(Scene(subject.shape, subject.colours, "white", size, *place, subject.pattern))
-            if instance_similarity(own, subject.shape, subject.colours, subject.pattern) < SUBJECT_MATCH + 0.05:
-                return False
-        place = random_placement(rng, size)
-        for pattern in family:
-            other = render(Scene(subject.shape, subject.colours, "white", size, *place, pattern))
-            if instance_similarity(other, subject.shape, subject.colours, subject.pattern) > SUBJECT_MATCH - 0.1:
-                return False
-    return True

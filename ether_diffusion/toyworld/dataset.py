@@ -19,6 +19,7 @@ from PIL import Image
 
 from ..atomic import atomic_write, atomic_write_text
 from . import world
+from .subjects import get_subject
 from .control_data import RENDERERS, control_scenes, write_control_dataset
 
 KINDS = ("subject", "control", "base")
@@ -40,12 +41,12 @@ class Row:
 def subject_rows(subject: str, n: int = 5, seed: int = 0, token: str = "sks") -> list[Row]:
     """A subject at both sizes, at seeded places, on white and gray, each captioned with the token where the colours
     go and the size and background it shows ("a large sks striped circle on a white background")."""
-    spec = world.get_subject(subject)
+    spec = get_subject(subject)
     rng = random.Random(seed)
     rows = []
     for i in range(n):
         size, background = INSTANCE_CONTEXTS[i % len(INSTANCE_CONTEXTS)]
-        scene = world.subject_scene(rng, spec.name, background=background, size=size)
+        scene = world.subject_scene(rng, spec, background=background, size=size)
         rows.append(Row(f"{spec.name}-{i}", world.render(scene), world.caption(scene, token=token)))
     return rows
 

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_text
 from . import checker, world
+from .subjects import get_subject
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,7 @@ class SubjectPrompt:
 
 def subject_prompt(token: str, subject: str, background: str, size: str | None = None) -> SubjectPrompt:
     """'a [size] TOKEN pattern shape on a BACKGROUND background': the subject's family words after the token."""
-    return SubjectPrompt(world.subject_caption(subject, background, size, token), background, size)
+    return SubjectPrompt(world.subject_caption(get_subject(subject), background, size, token), background, size)
 
 
 def subject_prompts(token: str, subject: str) -> list[SubjectPrompt]:
@@ -49,11 +50,11 @@ def judge(image, prompt: SubjectPrompt, subject: str) -> dict[str, float]:
     `similarity` the exact-instance score (`checker.subject_similarity`; a match is ≥ `checker.SUBJECT_MATCH`);
     `identity` the subject's family (shape, pattern kind) and its colours; `context` the asked background, and the
     asked size when the prompt names one; `prompt` family and context (prompt fidelity, the stand-in for CLIP-T)."""
-    spec = world.get_subject(subject)
+    spec = get_subject(subject)
     reading = checker.read(image)
     family = reading.shape == spec.shape and reading.pattern == spec.pattern.kind
     context = reading.background == prompt.background and (prompt.size is None or reading.size == prompt.size)
-    return {"similarity": checker.subject_similarity(image, subject),
+    return {"similarity": checker.subject_similarity(image, spec),
             "identity": float(family and tuple(reading.colours) == tuple(spec.colours)),
             "context": float(context), "prompt": float(family and context)}
 
@@ -152,9 +153,10 @@ def _round_trip(vae, images: list) -> np.ndarray:
 
 
 def _codec_scores(vae, rng: random.Random, subject: str, background: str, size: str | None, n: int) -> dict:
-    images = [world.render(world.subject_scene(rng, subject, background=background, size=size)) for _ in range(n)]
-    rendered = [checker.subject_similarity(image, subject) for image in images]
-    scores = [checker.subject_similarity(array, subject) for array in _round_trip(vae, images)]
+    spec = get_subject(subject)
+    images = [world.render(world.subject_scene(rng, spec, background=background, size=size)) for _ in range(n)]
+    rendered = [checker.subject_similarity(image, spec) for image in images]
+    scores = [checker.subject_similarity(array, spec) for array in _round_trip(vae, images)]
     return {"rendered": round(float(np.mean(rendered)), 4), "decoded": round(float(np.mean(scores)), 4),
             "decoded_matches": sum(v >= checker.SUBJECT_MATCH for v in scores), "n": n}
 

@@ -10,7 +10,6 @@ the base model never saw: it plays the part of the user's dog in DreamBooth.
 
 from __future__ import annotations
 
-import functools
 import random
 from dataclasses import dataclass, field, replace
 
@@ -125,42 +124,14 @@ SUBJECTS: dict[str, Subject] = {
     )
 }
 HELD_OUT = {(s.shape, frozenset(s.colours), s.pattern.kind) for s in SUBJECTS.values()}
-RANDOM_PREFIX = "random-"
-COUNT_WORDS = {2: "two", 3: "three", 4: "four"}
-UNITS = {"stripes": "bands", "split": "halves", "checker": "checks per side", "rings": "rings"}
-
-
-@functools.lru_cache(maxsize=None)  # a draw checks separability (~0.3 s); scoring asks for it per picture
-def random_subject(seed: int) -> Subject:
-    """A subject nobody picked: a seeded draw of shape, colour pair, pattern kind and exact geometry, from any
-    family (its combination may be one the base saw in other geometries, as a user's dog is of a breed Stable
-    Diffusion knows). The same seed always gives the same subject, named `random-SEED`."""
-    from .checker import is_separable  # the checker reads the world; only this draw needs it back
-
-    rng = random.Random(f"subject-{seed}")
-    while True:  # a geometry the checker cannot judge surely is drawn again
-        shape = rng.choice(SHAPES)
-        first, second = rng.sample(list(OBJECT_COLOURS), 2)
-        kind = rng.choice(list(PATTERN_WORDS))
-        pattern = random_pattern(rng, kind)
-        colours = colour_pair(first, second)
-        lead = colours[1] if pattern.swap else colours[0]
-        description = (f"a {shape} in {COUNT_WORDS[pattern.count]} {colours[0]} and {colours[1]} {UNITS[kind]} "
-                       f"at {pattern.angle}°, {lead} leading")
-        subject = Subject(f"{RANDOM_PREFIX}{seed}", shape, colours, pattern, description)
-        if is_separable(subject):
-            return subject
-
-
-def get_subject(name: str) -> Subject:
-    """A named subject, or `random-SEED` for `random_subject(SEED)`; KeyError names the choices otherwise."""
-    if name in SUBJECTS:
-        return SUBJECTS[name]
-    seed = name[len(RANDOM_PREFIX):]
-    if name.startswith(RANDOM_PREFIX) and seed.isdigit():
-        return random_subject(int(seed))
-    raise KeyError(f"unknown subject {name!r}; choose one of: {', '.join(SUBJECTS)}, or random-SEED "
-                   "(e.g. random-7)")
+def as_subject(subject: "Subject | str") -> Subject:
+    """A Subject as given, or a named subject by its name (`subjects.get_subject` resolves `random-N` names)."""
+    if isinstance(subject, Subject):
+        return subject
+    if subject not in SUBJECTS:
+        raise KeyError(f"unknown subject {subject!r}: pass a named subject ({', '.join(SUBJECTS)}) or a Subject "
+                       "(toyworld.subjects.get_subject resolves random-N names)")
+    return SUBJECTS[subject]
 
 
 @dataclass(frozen=True)
@@ -234,9 +205,10 @@ def random_world_scene(rng: random.Random, pattern_weights: dict[str, float] | N
     return random_scene(rng)
 
 
-def subject_scene(rng: random.Random, subject: str, background: str | None = None, size: str | None = None) -> Scene:
-    """A scene showing a subject (named or `random-SEED`) at a random placement."""
-    spec = get_subject(subject)
+def subject_scene(rng: random.Random, subject: Subject | str, background: str | None = None,
+                  size: str | None = None) -> Scene:
+    """A scene showing a subject (a Subject, or a named subject's name) at a random placement."""
+    spec = as_subject(subject)
     size = size or rng.choice(list(SIZES))
     cx, cy, radius = random_placement(rng, size)
     return Scene(
@@ -248,7 +220,7 @@ def subject_scene(rng: random.Random, subject: str, background: str | None = Non
         cy=cy,
         radius=radius,
         pattern=spec.pattern,
-        subject=subject,
+        subject=spec.name,
     )
 
 
@@ -270,11 +242,11 @@ def caption(scene: Scene, with_size: bool = True, with_colour: bool = True, toke
     return " ".join(words)
 
 
-def subject_caption(subject: str, background: str, size: str | None = None, token: str | None = None) -> str:
+def subject_caption(subject: Subject | str, background: str, size: str | None = None, token: str | None = None) -> str:
     """A caption for a subject in a context, in the world's grammar: the identifier token where the colours go,
     or, without a token, the family words alone ("a striped circle on a white background", the class prompt)."""
-    spec = get_subject(subject)
-    scene = Scene(spec.shape, spec.colours, background, size or "large", 0.0, 0.0, 0.0, spec.pattern, subject)
+    spec = as_subject(subject)
+    scene = Scene(spec.shape, spec.colours, background, size or "large", 0.0, 0.0, 0.0, spec.pattern, spec.name)
     return caption(scene, with_size=size is not None, with_colour=False, token=token)
 
 
