@@ -85,3 +85,20 @@ def test_demo_command_passes_subject_and_seed_through(tmp_path, monkeypatch, cap
     assert main(["demo", "--out", str(tmp_path), "--subject", "core-triangle", "--seed", "2"]) in (0, None)
     assert (seen[0].subject, seen[0].seed, seen[0].out) == ("core-triangle", 2, str(tmp_path))
     assert "subject match rate" in capsys.readouterr().out
+    assert main(["demo", "--out", str(tmp_path), "--subject", "random", "--seed", "7"]) in (0, None)
+    assert (seen[1].subject, seen[1].seed) == ("random-7", 7)  # a subject drawn from the seed
+    assert main(["demo", "--out", str(tmp_path), "--subject", "random-12"]) in (0, None)
+    assert seen[2].subject == "random-12"
+
+
+def test_demo_reports_where_misses_lie_on_a_random_subject(tmp_path):
+    settings = DemoSettings(out=str(tmp_path / "r"), subject="random-3", max_steps=4, class_images=2, seeds=1,
+                            sampling_steps=4)
+    report = run_demo(settings)
+    for model in ("base", "adapted"):
+        scores = report[model]
+        assert {"identity_rate", "context_rate"} <= scores.keys()
+        # prompt fidelity needs the family and the context right, so it cannot exceed the context share
+        assert scores["prompt_fidelity"] <= scores["context_rate"] + 1e-9
+    assert report["subject"] == "random-3" and "leading" in report["subject_description"]
+    assert all("sks" in c.read_text() for c in (tmp_path / "r" / "instance").glob("*.txt"))
