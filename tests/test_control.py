@@ -283,3 +283,15 @@ def test_cli_trains_generates_and_exports(pairs, tmp_path, capsys):
     stored = read_adapter_file(adapter).extra_tensors("control_encoder")
     torch.testing.assert_close(rebuilt.conv_out.weight, 0.5 * stored["conv_out.weight"])
     assert cli_main(["train", "control", "--data-dir", str(tmp_path / "nowhere"), "--output-dir", str(out)]) == 2
+
+
+def test_train_control_without_rate_flags_uses_the_rate_that_follows_the_map(tmp_path):
+    """What a user gets with no --learning-rate: 1e-1 for the adapters (1e-3 controls nothing on the embedded
+    base, docs/control.md), 1e-4 for the encoder; the resolved values are saved with the run."""
+    from ether_diffusion.cli import main as cli_main
+
+    write_control_dataset(tmp_path / "pairs", "segmentation", 2)
+    assert cli_main(["train", "control", "--data-dir", str(tmp_path / "pairs"), "--output-dir", str(tmp_path / "o"),
+                     "--max-steps", "1", "--train-batch-size", "1", "--checkpointing-steps", "1"]) == 0
+    saved = json.loads((tmp_path / "o" / "training_config.json").read_text())
+    assert (saved["learning_rate"], saved["encoder_learning_rate"]) == (0.1, 1e-4)

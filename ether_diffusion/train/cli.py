@@ -20,6 +20,8 @@ SHORT_HELP = {
                   "(default: the app's adapters folder, ~/.local/share/ether-diffusion/adapters/<name>)",
     "base": "diffusers folder or hub id (default: the embedded model)",
     "method": "ether or etherplus",
+    "learning_rate": "the adapters' learning rate (dreambooth: the paper's 6e-3; control: 1e-1, which follows the "
+                     "map on the embedded base where the paper's 1e-3 does not, see docs/control.md)",
     "targets": "preset (attn, attn+ff) or comma-separated regexes",
     "resume_from_checkpoint": "'latest' or a checkpoint folder",
     "timestep_bias_strategy": "none, later (favour the noisiest timesteps, where the layout is decided), earlier "
