@@ -20,35 +20,23 @@ import argparse
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from peft_methods import add_peft
+from peft_methods import RECOMMENDED_LR
+from subjects import train_and_score
 
 from ether_diffusion.atomic import atomic_write_text
-from ether_diffusion.demo import DemoSettings, dreambooth_config, render_instances, score
+from ether_diffusion.demo import DemoSettings, render_instances, score
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.toyworld import world
-from ether_diffusion.train import train_dreambooth
 
-RECOMMENDED = {"ether": 6e-3, "etherplus": 6e-3, "lora-r4": 6e-4, "oft": 6e-5}
+METHODS = ("ether", "etherplus", "lora-r4", "oft")
 MULTIPLIERS = (0.1, 1.0, 10.0, 100.0)
 
 
-def run(method: str, lr: float, folders: dict, settings: DemoSettings, args) -> dict:
-    pipe = load_pipeline(args.base)
-    peft = method not in ("ether", "etherplus")
-    extra = add_peft(pipe.unet, method, "attn") if peft else None
-    cfg = dreambooth_config(settings, folders["instance"], folders["runs"] / f"{method}-{lr:g}", folders["class"],
-                            method="etherplus" if peft else method, train_adapters=not peft, max_steps=args.steps,
-                            learning_rate=lr, num_class_images=args.class_images)
-    t0 = time.time()
-    train_dreambooth(cfg, pipe=pipe, extra_trainable=extra)
-    seconds = time.time() - t0
-    trainable = sum(p.numel() for p in pipe.unet.parameters() if p.requires_grad)
-    scores, _ = score(pipe, settings, adapted=True)
-    return {"subject": settings.subject, "method": method, "learning_rate": lr, "multiplier": lr / RECOMMENDED[method],
-            "trainable_parameters": trainable, "train_seconds": round(seconds, 1), **scores}
+def run(method: str, lr: float, folders: dict, settings: DemoSettings) -> dict:
+    row, _ = train_and_score(method, lr, settings, folders, f"{method}-{lr:g}")
+    return {"subject": settings.subject, **row, "multiplier": lr / RECOMMENDED_LR[method]}
 
 
 def plot(rows: list[dict], base: dict, path: Path) -> None:
@@ -73,7 +61,8 @@ def plot(rows: list[dict], base: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--methods", default=",".join(RECOMMENDED))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help=f"comma-separated, any of {', '.join(RECOMMENDED_LR)} (default: {','.join(METHODS)})")
     ap.add_argument("--multipliers", default=",".join(f"{m:g}" for m in MULTIPLIERS))
     ap.add_argument("--base", default=None)
     ap.add_argument("--subjects", default=DemoSettings.subject,
@@ -92,14 +81,15 @@ def main(argv: list[str] | None = None) -> None:
     rows, bases = [], {}
     for subject in subjects:
         settings = DemoSettings(base=args.base, subject=subject, seeds=args.seeds, train_text_encoder=False,
-                                seed=args.seed, sampling_steps=args.sampling_steps)
+                                seed=args.seed, sampling_steps=args.sampling_steps, max_steps=args.steps,
+                                class_images=args.class_images)
         with tempfile.TemporaryDirectory() as tmp:
             folders = {"instance": Path(tmp) / "instance", "class": Path(tmp) / "class", "runs": Path(tmp) / "runs"}
             render_instances(settings, folders["instance"])
             bases[subject], _ = score(load_pipeline(args.base), settings, adapted=False)
             for method in args.methods.split(","):
                 for mult in (float(m) for m in args.multipliers.split(",")):
-                    rows.append(run(method, RECOMMENDED[method] * mult, folders, settings, args))
+                    rows.append(run(method, RECOMMENDED_LR[method] * mult, folders, settings))
                     print(json.dumps(rows[-1]), flush=True)
     report = {"command": "python benchmarks/lr_robustness.py " + " ".join(sys.argv[1:]),
               "settings": {k: str(v) for k, v in vars(args).items()}, "base": bases, "rows": rows}

@@ -8,9 +8,12 @@ import torch
 from ether_diffusion.inject import find_targets
 
 PEFT_TAGS = ("lora_", "oft_", "hra_", "delora_")
-# Each peer's documented learning rate for DreamBooth: LoRA / DoRA diffusers' 6e-4 (the paper's LoRA rate); DeLoRA
-# 10-100x LoRA's per PEFT's docs (the low end, 10x); OFT the paper's 6e-5; HRA as OFT.
-RECOMMENDED_LR = {"lora-r4": 6e-4, "dora-r4": 6e-4, "delora-r4": 6e-3, "oft": 6e-5, "hra-r1": 6e-5}
+# Each method's documented learning rate for DreamBooth: ETHER / ETHER+ the paper's 6e-3; LoRA / DoRA diffusers'
+# 6e-4 (the paper's LoRA rate); DeLoRA 10-100x LoRA's per PEFT's docs (the low end, 10x); OFT the paper's 6e-5; HRA
+# as OFT.
+RECOMMENDED_LR = {"ether": 6e-3, "etherplus": 6e-3, "lora-r4": 6e-4, "dora-r4": 6e-4, "delora-r4": 6e-3,
+                  "oft": 6e-5, "hra-r1": 6e-5}
+ETHER_METHODS = ("ether", "etherplus")
 
 
 def add_peft(model: torch.nn.Module, kind: str, targets: str = "attn") -> list[torch.nn.Parameter]:

@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from peft_methods import RECOMMENDED_LR, add_peft
+from peft_methods import ETHER_METHODS, RECOMMENDED_LR, add_peft
 
 from ether_diffusion.atomic import atomic_write, atomic_write_text
 from ether_diffusion.demo import DemoSettings, dreambooth_config, render_instances, score
@@ -39,34 +39,30 @@ from ether_diffusion.pipelines import image_grid, load_pipeline
 from ether_diffusion.toyworld import world
 from ether_diffusion.toyworld.evaluate import codec_ceiling, subject_prompts
 from ether_diffusion.toyworld.subjects import RANDOM_PREFIX, get_subject
+from ether_diffusion.train import train_dreambooth
 
 RANDOM_SEEDS = (11, 22, 33, 44, 55, 66, 77, 88)  # fixed here, never chosen by result
 RANDOM_SUBJECTS = tuple(f"{RANDOM_PREFIX}{seed}" for seed in RANDOM_SEEDS)
-ETHER_LR = {"etherplus": DemoSettings.learning_rate, "ether": DemoSettings.learning_rate}
 METHODS = ("etherplus", "ether", "lora-r4", "dora-r4", "delora-r4")
 KEYS = ("subject_fidelity", "subject_match_rate", "identity_rate", "context_rate", "prompt_fidelity", "class_drift")
 
 
-def learning_rate(method: str) -> float:
-    return ETHER_LR.get(method) or RECOMMENDED_LR[method]
-
-
-def run_method(method: str, settings: DemoSettings, folders: dict, args) -> tuple[dict, list]:
-    """Train one method with the demo's recipe on the rendered pictures; score it as the demo does."""
-    pipe = load_pipeline(args.base)
-    peft = method not in ETHER_LR
+def train_and_score(method: str, lr: float, settings: DemoSettings, folders: dict, run_name: str,
+                    **overrides) -> tuple[dict, list]:
+    """Train one method with the demo's recipe (`settings`, plus DreamBoothConfig `overrides`) on the rendered
+    pictures, PEFT peers on the same UNet (and, when the recipe adapts it, text-encoder) layers; score it as the
+    demo does. Returns the row and the pictures."""
+    pipe = load_pipeline(settings.base)
+    peft = method not in ETHER_METHODS
     extra = None
     if peft:
         extra = add_peft(pipe.unet, method, "attn")
         if settings.train_text_encoder:
             extra += add_peft(pipe.text_encoder, method, "text")
-    lr = args.learning_rate or learning_rate(method)
-    cfg = dreambooth_config(settings, folders["instance"], folders["runs"] / method, folders["class"],
-                            method="etherplus" if peft else method, train_adapters=not peft, max_steps=args.steps,
-                            learning_rate=lr, **json.loads(args.recipe))
+    cfg = dreambooth_config(settings, folders["instance"], folders["runs"] / run_name, folders["class"],
+                            method="etherplus" if peft else method, train_adapters=not peft, learning_rate=lr,
+                            **overrides)
     t0 = time.time()
-    from ether_diffusion.train import train_dreambooth
-
     train_dreambooth(cfg, pipe=pipe, extra_trainable=extra)
     seconds = time.time() - t0
     trainable = sum(p.numel() for m in (pipe.unet, pipe.text_encoder) for p in m.parameters() if p.requires_grad)
@@ -89,7 +85,8 @@ def run_subject(subject: str, args) -> dict:
         del pipe
         rows = []
         for method in args.methods.split(","):
-            row, images = run_method(method, settings, folders, args)
+            row, images = train_and_score(method, args.learning_rate or RECOMMENDED_LR[method], settings, folders,
+                                          method, **json.loads(args.recipe))
             rows.append(row)
             grid_rows = [a + b for a, b in zip(grid_rows, images)]
             print(json.dumps({"subject": subject, **row}), flush=True)
