@@ -100,15 +100,11 @@ def cmd_export(args: argparse.Namespace) -> None:
 
 def cmd_data_render(args: argparse.Namespace) -> None:
     from .toyworld.dataset import render_dataset
-    from .toyworld.subjects import RANDOM_PREFIX, get_subject
+    from .toyworld.subjects import resolve_subject
 
     if args.n is not None and args.n < 1:
         raise EtherError(f"--n must be at least 1, got {args.n}")
-    subject = f"{RANDOM_PREFIX}{args.seed}" if args.subject == "random" else args.subject
-    try:
-        get_subject(subject)
-    except KeyError as exc:
-        raise EtherError(exc.args[0]) from None
+    subject = resolve_subject(args.subject, args.seed).name
     written = render_dataset(args.kind, args.out, n=args.n, seed=args.seed, subject=subject,
                              control_kind=args.control_kind, layout=args.layout, token=args.token)
     print(f"wrote {written}")
@@ -218,20 +214,23 @@ def build_parser() -> argparse.ArgumentParser:
     add_device_arguments(p)
     p.set_defaults(func=cmd_eval)
 
+    from .toyworld.control_data import RENDERERS
+    from .toyworld.dataset import KINDS, LAYOUTS
+
     data = sub.add_parser("data", help="write the embedded world's datasets (subject pictures, control pairs, "
                                        "base captions)")
     kinds = data.add_subparsers(dest="data_command", required=True)
     p = kinds.add_parser("render", help="render a toy-world dataset as an imagefolder (metadata.jsonl) or a "
                                         "folder of pictures with .txt captions")
-    p.add_argument("--kind", required=True, choices=["subject", "control", "base"])
+    p.add_argument("--kind", required=True, choices=KINDS)
     p.add_argument("--out", required=True, help="folder to write")
     p.add_argument("--subject", default="core-triangle",
                    help="subject kind: a named subject, random (drawn from --seed) or random-N (default: core-triangle)")
-    p.add_argument("--control-kind", default="segmentation", choices=["segmentation", "edges"],
+    p.add_argument("--control-kind", default="segmentation", choices=sorted(RENDERERS),
                    help="control kind: the map drawn beside each picture (default: segmentation)")
     p.add_argument("--n", type=int, default=None, help="pictures (default: 5 for subject, 200 otherwise)")
     p.add_argument("--seed", type=int, default=0, help="seeds the scenes (default: 0)")
-    p.add_argument("--layout", default="imagefolder", choices=["imagefolder", "folder"],
+    p.add_argument("--layout", default="imagefolder", choices=LAYOUTS,
                    help="imagefolder: metadata.jsonl rows for --dataset-name (default); folder: .txt captions for "
                         "--instance-dir, or the metadata.jsonl --data-dir reads for control")
     p.add_argument("--token", default="sks", help="subject kind: the identifier in captions (default: sks)")

@@ -12,18 +12,17 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_text
-from .errors import EtherError
 from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
 from .runtime import add_device_arguments, mixed_precision_for, resolve_device, resolve_dtype
 from .toyworld import checker, world
-from .toyworld.subjects import RANDOM_PREFIX, get_subject
+from .toyworld.subjects import get_subject, resolve_subject
 from .toyworld.dataset import subject_rows, write_caption_folder
 from .toyworld.evaluate import judge, subject_prompts
 from .train import DreamBoothConfig, train_dreambooth
@@ -143,10 +142,8 @@ def dreambooth_config(settings: DemoSettings, instance_dir: Path, output_dir: Pa
 
 def run_demo(settings: DemoSettings) -> dict:
     """Run the demo and return its report (also written to OUT/report.json and OUT/report.md)."""
-    try:
-        subject = get_subject(settings.subject)
-    except KeyError as e:
-        raise EtherError(e.args[0]) from None
+    subject = resolve_subject(settings.subject, settings.seed)
+    settings = replace(settings, subject=subject.name)  # `random` becomes the random-N it names
     out = Path(settings.out)
     times = {}
     t0 = time.time()
@@ -206,7 +203,7 @@ def add_demo_parser(sub) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
-    subject = f"{RANDOM_PREFIX}{args.seed}" if args.subject == "random" else args.subject
+    subject = resolve_subject(args.subject, args.seed).name
     settings = DemoSettings(out=args.out, base=args.base, subject=subject, method=args.method,
                             train_text_encoder=args.train_text_encoder,
                             max_steps=args.max_steps, learning_rate=args.learning_rate,

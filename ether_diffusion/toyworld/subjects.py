@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import random
 
+from ..errors import EtherError
 from .checker import SUBJECT_MATCH, instance_similarity
 from .world import (
     OBJECT_COLOURS,
@@ -59,6 +60,15 @@ def get_subject(name: str) -> Subject:
         return random_subject(int(seed))
     raise KeyError(f"unknown subject {name!r}; choose one of: {', '.join(SUBJECTS)}, or random-SEED "
                    "(e.g. random-7)")
+
+
+def resolve_subject(choice: str, seed: int) -> Subject:
+    """A user's `--subject`: a named subject, `random-N`, or `random` (the subject drawn from `seed`); an
+    EtherError naming the choices otherwise."""
+    try:
+        return get_subject(f"{RANDOM_PREFIX}{seed}" if choice == "random" else choice)
+    except KeyError as exc:
+        raise EtherError(exc.args[0]) from None
 
 
 def is_separable(subject: Subject, placements: int = 4) -> bool:
