@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .atomic import atomic_write_bytes
+from .bases import COMPONENT_NAMES
 from .control import attach_control, build_encoder, control_encoders
 from .errors import AdapterFileError, EtherError
 from .inject import add_adapter, adapter_modules, delete_adapter, ether_layers
@@ -34,7 +35,6 @@ VECTOR_NAMES = ("u_input", "v_input", "u_output", "v_output")
 EXTRA_PREFIX = "extra."  # non-ETHER tensors (e.g. a control encoder) live under "extra.<module>.<param>"
 CONTROL_MODULE = "control_encoder"
 CHECKSUM_KEY = "ether_diffusion_sha256"  # over the metadata JSON and every tensor: any changed byte is caught
-COMPONENT_NAMES = ("unet", "text_encoder", "text_encoder_2")
 MAX_SIZE_ENV = "ETHER_DIFFUSION_MAX_ADAPTER_MB"
 DEFAULT_MAX_MB = 1024.0
 MAX_WIDTH = 1 << 20  # no diffusion model has a layer this wide; larger numbers are corruption

@@ -13,7 +13,6 @@ from pathlib import Path
 
 from .errors import EtherError
 from .paths import default_adapters_dir
-from .pipelines import SCHEDULERS
 from .runtime import add_device_arguments, resolve_device, resolve_dtype
 from .studio import LIMITS, Request, Studio
 
@@ -27,11 +26,13 @@ FIXED_INPUTS = (("prompt", inspect.Parameter.empty), ("negative_prompt", ""), ("
                 ("mode", "single"))
 
 
-def api_signature(slots: int, progress) -> inspect.Signature:
+def api_signature(slots: int, progress, scheduler: str = "DPM++ 2M") -> inspect.Signature:
     """The `/generate` endpoint's parameters as gradio_client callers see them: meaningful names, and defaults
-    (so optional) for everything but the prompt: `adapter_1`, `strength_1`, …, `control_image`."""
+    (so optional) for everything but the prompt: `adapter_1`, `strength_1`, …, `control_image`. `scheduler`: the
+    default solver (the base's: FLUX / SD3 take FlowMatch Euler)."""
     P = inspect.Parameter
-    names = [*FIXED_INPUTS, *((f"adapter_{i + 1}", NONE) for i in range(slots)),
+    fixed = [(name, scheduler if name == "scheduler" else default) for name, default in FIXED_INPUTS]
+    names = [*fixed, *((f"adapter_{i + 1}", NONE) for i in range(slots)),
              *((f"strength_{i + 1}", 1.0) for i in range(slots)), ("control_image", None)]
     params = [P(name, P.POSITIONAL_OR_KEYWORD, default=default) for name, default in names]
     return inspect.Signature([*params, P("progress", P.KEYWORD_ONLY, default=progress)])
@@ -98,7 +99,8 @@ def build_app(studio: Studio, slots: int = SLOTS):
             raise gr.Error(str(exc)) from None
         return images, f"seed {seed} · {len(images)} image(s)"
 
-    run.__signature__ = api_signature(slots, gr.Progress())
+    default_scheduler = "DPM++ 2M" if "DPM++ 2M" in studio.schedulers else studio.schedulers[0]
+    run.__signature__ = api_signature(slots, gr.Progress(), default_scheduler)
 
     with gr.Blocks(title="ether-diffusion") as app:
         gr.Markdown("## ether-diffusion · sample from ETHER adapters")
@@ -128,7 +130,7 @@ def build_app(studio: Studio, slots: int = SLOTS):
                         random_seed = gr.Checkbox(False, label="random seed")
                     steps = gr.Slider(*LIMITS["steps"], value=20, step=1, label="steps")
                     guidance = gr.Slider(*LIMITS["guidance"], value=7.5, step=0.5, label="guidance")
-                    scheduler = gr.Dropdown(list(SCHEDULERS), value="DPM++ 2M", label="scheduler")
+                    scheduler = gr.Dropdown(studio.schedulers, value=default_scheduler, label="scheduler")
                     num_images = gr.Slider(*LIMITS["num_images"], value=2, step=1, label="images")
                     size = gr.Slider(studio.size_multiple, studio.native_size * 2, value=studio.native_size,
                                      step=studio.size_multiple, label="size (px)")

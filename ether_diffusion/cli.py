@@ -38,8 +38,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.scheduler:
         set_scheduler(pipe, args.scheduler)
     images = generate(pipe, args.prompt, negative_prompt=args.negative_prompt, seed=args.seed, steps=args.steps,
-                      guidance=args.guidance, num_images=args.num_images, control_image=hint,
-                      control_scale=args.control_scale)
+                      guidance=args.guidance, num_images=args.num_images, height=args.height, width=args.width,
+                      control_image=hint, control_scale=args.control_scale)
     out.mkdir(parents=True, exist_ok=True)
     from .atomic import atomic_write
 
@@ -70,7 +70,7 @@ def _pipeline_with_adapters(base: str | None, specs: list[str], default_strength
 def cmd_export(args: argparse.Namespace) -> None:
     import torch
 
-    from . import inject
+    from . import bases, inject
     from .pipelines import pipeline_components
     from .control import control_strengths
     from .export import export_control_encoders, export_lora, export_merged
@@ -90,7 +90,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         path = export_merged(pipe, args.out, single_file_unet=args.single_file, dtype=dtype)
         print(f"merged pipeline written to {path}")
     elif any(inject.active_adapters(m) for m in pipeline_components(pipe).values()) or not any(
-            control_strengths(pipe.unet).values()):
+            control_strengths(bases.denoiser(pipe)).values()):
         info = export_lora(pipe, args.out, style="diffusers" if args.to == "lora" else "kohya", dtype=dtype,
                            source=source)
         print(f"{args.to} file written to {info['path']} ({info['bytes']:,} bytes, ranks {info['ranks']})")
@@ -171,8 +171,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25)
     p.add_argument("--guidance", type=float, default=7.5)
     p.add_argument("--scheduler", choices=list(SCHEDULERS), default=None,
-                   help="solver (default: the base's own; the embedded model's is DPM++ 2M)")
+                   help="solver (default: the base's own; the embedded model's is DPM++ 2M; FLUX / SD3 bases take "
+                        "FlowMatch Euler only)")
     p.add_argument("--num-images", type=int, default=1)
+    p.add_argument("--height", type=int, default=None, help="picture height (default: the base's own size)")
+    p.add_argument("--width", type=int, default=None, help="picture width (default: the base's own size)")
     p.add_argument("--control-image", default=None, help="control picture for a control adapter (resized to the output)")
     p.add_argument("--control-scale", type=float, default=1.0, help="multiplies the control encoder's features")
     add_device_arguments(p)
@@ -190,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "merged (as save_pretrained keeps it: an fp32 base stays fp32, so --strength 0 gives the "
                         "base back exactly)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to merge / factorise (auto: cuda if present)")
-    p.add_argument("--single-file", action="store_true", help="merged: write only the UNet as one .safetensors")
+    p.add_argument("--single-file", action="store_true",
+                   help="merged: write only the denoiser (UNet or FLUX / SD3 transformer) as one .safetensors")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="DINO / CLIP-I / CLIP-T of generated pictures against reference photos")

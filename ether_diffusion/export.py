@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from . import control, inject
+from . import bases, control, inject
 from .atomic import atomic_write_bytes
 from .errors import EtherError
 from .ether import unit_blocks
@@ -90,8 +90,12 @@ def lora_key_names(comp: str, layer_name: str, style: str, sdxl: bool) -> tuple[
 
 def lora_state_dict(pipe, style: str = "diffusers", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """The active adapters of `pipe` as LoRA tensors: 'diffusers' (PEFT keys) or 'kohya' (A1111 / ComfyUI keys)."""
+    family = bases.family(pipe).name
+    if style == "kohya" and family != "unet":
+        raise EtherError(f"--to kohya writes A1111 / kohya UNet keys; for this {family.upper()} base use --to lora "
+                         "(diffusers keys, which diffusers' load_lora_weights and ComfyUI read)")
     factors = _all_factors(pipe)
-    sdxl = "text_encoder_2" in pipeline_components(pipe)
+    sdxl = family == "unet" and "text_encoder_2" in pipeline_components(pipe)
     tensors: dict[str, torch.Tensor] = {}
     for comp, layers in factors.items():
         for layer_name, (up, down, layer) in layers.items():
@@ -120,12 +124,13 @@ def export_control_encoders(pipe, out: str | Path) -> list[Path]:
     `ControlNetConditioningEmbedding` with its config in the metadata; add its output on the control image
     (RGB in [0, 1], generation size) to `unet.conv_in`'s output. Returns the paths written.
     """
-    state = control.control_encoders(pipe.unet)
-    strengths = {n: s for n, s in control.control_strengths(pipe.unet).items() if s}
+    denoiser = bases.denoiser(pipe)
+    state = control.control_encoders(denoiser)
+    strengths = {n: s for n, s in control.control_strengths(denoiser).items() if s}
     out = Path(out)
     paths = []
     for name, strength in strengths.items():
-        encoder, kind, config = state[name], control.control_kinds(pipe.unet)[name], control.encoder_config_of(state[name])
+        encoder, kind, config = state[name], control.control_kinds(denoiser)[name], control.encoder_config_of(state[name])
         tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in encoder.state_dict().items()}
         for key in ("conv_out.weight", "conv_out.bias"):
             tensors[key] *= strength
@@ -147,7 +152,7 @@ def export_merged(pipe, out: str | Path, single_file_unet: bool = False, dtype: 
         pipe.to(dtype)
     out = Path(out)
     if single_file_unet:
-        tensors = {k: v.contiguous() for k, v in pipe.unet.state_dict().items()}
+        tensors = {k: v.contiguous() for k, v in bases.denoiser(pipe).state_dict().items()}
         return atomic_write_bytes(out, save(tensors, metadata={"format": "pt"}))
     pipe.save_pretrained(out)
     return out

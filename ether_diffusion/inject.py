@@ -27,16 +27,33 @@ PRESETS: dict[str, tuple[str, ...]] = {
     # CLIP text encoders
     "text": (r"self_attn\.(q|k|v|out)_proj",),
 }
+_DIT_ATTN = (r"attn\.to_(q|k|v)", r"attn\.to_out\.0", r"attn\.add_(q|k|v)_proj", r"attn\.to_add_out")
+_DIT_FF = (r"ff\.net\.0\.proj", r"ff\.net\.2", r"ff_context\.net\.0\.proj", r"ff_context\.net\.2")
+MODEL_PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    # diffusers' FLUX / SD3 DreamBooth scripts' layers: image and context streams' q, k, v and outputs (FLUX's
+    # single blocks have q, k, v only); SD3.5's second attention (`attn2`) is left alone, as there
+    "FluxTransformer2DModel": {"attn": _DIT_ATTN,
+                               "attn+ff": (*_DIT_ATTN, *_DIT_FF, r"single_transformer_blocks\.\d+\.proj_(mlp|out)")},
+    "SD3Transformer2DModel": {"attn": _DIT_ATTN, "attn+ff": (*_DIT_ATTN, *_DIT_FF)},
+}
 
 
-def expand_targets(targets: str) -> list[str]:
+def presets_for(model: nn.Module) -> dict[str, tuple[str, ...]]:
+    """The preset table for a model, by its class (a FLUX or SD3 transformer has its own `attn` / `attn+ff`)."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in MODEL_PRESETS:
+            return {**PRESETS, **MODEL_PRESETS[cls.__name__]}
+    return PRESETS
+
+
+def expand_targets(targets: str, presets: dict[str, tuple[str, ...]] = PRESETS) -> list[str]:
     """Preset names and regular expressions from a comma-separated target string."""
     patterns: list[str] = []
     for item in (t.strip() for t in targets.split(",")):
         if not item:
             continue
-        if item in PRESETS:
-            patterns += PRESETS[item]
+        if item in presets:
+            patterns += presets[item]
             continue
         try:
             re.compile(item)
@@ -60,7 +77,7 @@ def ether_layers(model: nn.Module) -> Iterator[tuple[str, EtherLayer]]:
 
 def find_targets(model: nn.Module, targets: str) -> list[str]:
     """Names of the adaptable modules (or existing ETHER layers) that the targets select."""
-    patterns = expand_targets(targets)
+    patterns = expand_targets(targets, presets_for(model))
     found = []
     for name, module in model.named_modules():
         if name.endswith(".base") and isinstance(model.get_submodule(name.rsplit(".", 1)[0]), EtherLayer):

@@ -14,20 +14,21 @@ import torch
 from PIL import Image
 from torch import nn
 
-from . import control, inject
+from . import bases, control, inject
 from .adapter_file import AdapterFile, load_adapter, save_adapter
 from .errors import EtherError
 from .toyworld.base_model import EMBEDDED_MODEL_DIR
 
 EMBEDDED_NAME = "embedded"
-COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 SCHEDULERS = {  # the names A1111 / ComfyUI users know → diffusers' classes
     "DPM++ 2M": "DPMSolverMultistepScheduler",
     "DDIM": "DDIMScheduler",
     "Euler": "EulerDiscreteScheduler",
     "Euler a": "EulerAncestralDiscreteScheduler",
     "PNDM": "PNDMScheduler",
+    "FlowMatch Euler": "FlowMatchEulerDiscreteScheduler",  # the solver FLUX.1 and SD3 ship with
 }
+FLOW_MATCHING_SCHEDULERS = ("FlowMatch Euler",)
 
 
 def describe_base(base: str | None) -> str:
@@ -36,14 +37,16 @@ def describe_base(base: str | None) -> str:
 
 
 def _load_from(source: str, dtype: torch.dtype, offline_only: bool):
+    """The pipeline, after its model_index.json (a small file, read first) names a supported family."""
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as diffusers_logging
 
     if os.environ.get("HF_HUB_DISABLE_PROGRESS_BARS") == "1":  # diffusers' own loading bar ignores the hub's switch
         diffusers_logging.disable_progress_bar()
-
-    return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, safety_checker=None,
-                                             local_files_only=offline_only)
+    index = DiffusionPipeline.load_config(source, local_files_only=offline_only)
+    bases.check_model_index(index)
+    extra = {"safety_checker": None} if "safety_checker" in index else {}
+    return DiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=offline_only, **extra)
 
 
 def _pipeline_folder(base: str | None) -> Path | None:
@@ -79,22 +82,6 @@ def stored_dtype(base: str | None) -> torch.dtype:
     return torch.float32
 
 
-SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
-
-
-def check_supported(model_index: dict) -> None:
-    """Refuse, in one sentence naming it, a pipeline whose denoiser is not a `UNet2DConditionModel` (a FLUX.1 or
-    SD3 transformer, say): training, sampling and export all work on that UNet and its CLIP text encoders."""
-    unet = model_index.get("unet")
-    if isinstance(unet, (list, tuple)) and len(unet) == 2 and unet[1] == "UNet2DConditionModel":
-        return
-    kind = model_index.get("_class_name", "this pipeline")
-    denoiser = next((v[1] for k, v in model_index.items() if k in ("unet", "transformer", "prior")
-                     and isinstance(v, (list, tuple)) and len(v) == 2), "no UNet")
-    raise EtherError(f"{kind} (denoiser: {denoiser}) is not supported: ether-diffusion works with pipelines whose "
-                     f"denoiser is a UNet2DConditionModel ({', '.join(SUPPORTED_PIPELINES)}: SD 1.x, 2.x, SDXL)")
-
-
 def load_pipeline(base: str | None = None, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A diffusers pipeline from the embedded default (None / 'embedded'), a local folder or a hub id.
 
@@ -110,11 +97,13 @@ def load_pipeline(base: str | None = None, dtype: torch.dtype = torch.float32, d
         if not index.is_file():
             raise EtherError(f"{base} is not a diffusers pipeline folder (no model_index.json)")
         try:
-            check_supported(json.loads(index.read_text()))
+            json.loads(index.read_text())
         except json.JSONDecodeError:
             raise EtherError(f"{index} is not valid JSON") from None
         try:
             pipe = _load_from(base, dtype, offline_only=True)
+        except EtherError:
+            raise
         except (OSError, ValueError, EnvironmentError) as exc:
             raise EtherError(f"could not load the pipeline in {base}: {str(exc).splitlines()[0]}") from None
     else:
@@ -122,17 +111,21 @@ def load_pipeline(base: str | None = None, dtype: torch.dtype = torch.float32, d
             raise EtherError(f"base model {base!r} is neither an existing folder nor a hub id like 'org/name'")
         try:
             pipe = _load_from(base, dtype, offline_only=os.environ.get("HF_HUB_OFFLINE") == "1")
+        except EtherError:
+            raise
         except Exception as exc:  # noqa: BLE001 - hub errors come in many types; all mean "not available"
             raise EtherError(f"could not get {base!r} from the Hugging Face hub (offline, unknown id or no access): "
                              f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        check_supported(dict(pipe.config))  # a hub id's kind is known once its model_index.json is read
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def pipeline_components(pipe) -> dict[str, nn.Module]:
-    """The adaptable models of a pipeline by component name (unet, text_encoder[, text_encoder_2])."""
-    return {name: getattr(pipe, name) for name in COMPONENTS if getattr(pipe, name, None) is not None}
+    """The adaptable models of a pipeline by component name: the denoiser (unet or transformer), then its CLIP
+    text encoders (text_encoder[, text_encoder_2]; never a T5)."""
+    family = bases.family(pipe)
+    return {name: getattr(pipe, name) for name in (family.denoiser, *family.text_encoders)
+            if getattr(pipe, name, None) is not None}
 
 
 def _registry(pipe) -> dict[str, AdapterFile]:
@@ -145,7 +138,7 @@ def load_ether_weights(pipe, path: str | Path, adapter_name: str | None = None) 
     """Validate an adapter file against this pipeline and load it (active at strength 1, after those loaded)."""
     name, parsed = load_adapter(path, pipeline_components(pipe), adapter_name)
     _registry(pipe)[name] = parsed
-    current = inject.active_adapters(pipe.unet) if pipe.unet is not None else {}
+    current = inject.active_adapters(bases.denoiser(pipe))
     set_ether_adapters(pipe, [*current, name], [*current.values(), 1.0])
     return name
 
@@ -161,7 +154,7 @@ def adapter_file_info(pipe, adapter_name: str) -> AdapterFile:
 def get_list_ether_adapters(pipe) -> dict[str, list[str]]:
     """Component name → adapter names, like diffusers' `get_list_adapters` (control encoders count as unet)."""
     out = {c: inject.list_adapters(m) for c, m in pipeline_components(pipe).items() if inject.list_adapters(m)}
-    encoders = [n for n in control.control_encoders(pipe.unet) if n not in out.get("unet", [])]
+    encoders = [n for n in control.control_encoders(bases.denoiser(pipe)) if n not in out.get("unet", [])]
     if encoders:
         out["unet"] = [*out.get("unet", []), *encoders]
     return out
@@ -176,19 +169,19 @@ def set_ether_adapters(pipe, adapter_names: list[str] | str, adapter_weights: li
         raise EtherError(f"unknown adapter(s) {missing}; loaded: {sorted(known) or 'none'}")
     for model in pipeline_components(pipe).values():
         inject.set_adapters(model, list(strengths), list(strengths.values()), strict=False)
-    control.set_control_strengths(pipe.unet, strengths)
+    control.set_control_strengths(bases.denoiser(pipe), strengths)
 
 
 def enable_ether(pipe) -> None:
     for model in pipeline_components(pipe).values():
         inject.enable_adapters(model)
-    control.enable_control(pipe.unet)
+    control.enable_control(bases.denoiser(pipe))
 
 
 def disable_ether(pipe) -> None:
     for model in pipeline_components(pipe).values():
         inject.disable_adapters(model)
-    control.enable_control(pipe.unet, False)
+    control.enable_control(bases.denoiser(pipe), False)
 
 
 def fuse_ether(pipe) -> None:
@@ -207,7 +200,7 @@ def delete_ether_adapters(pipe, adapter_names: list[str] | str) -> None:
         for model in pipeline_components(pipe).values():
             if name in inject.list_adapters(model):
                 inject.delete_adapter(model, name)
-        control.detach_control(pipe.unet, name)
+        control.detach_control(bases.denoiser(pipe), name)
         _registry(pipe).pop(name, None)
 
 
@@ -215,7 +208,7 @@ def unload_ether_weights(pipe) -> None:
     """Remove every adapter: the pipeline is the plain base again, original weights restored."""
     for model in pipeline_components(pipe).values():
         inject.unload_adapters(model)
-    control.detach_control(pipe.unet)
+    control.detach_control(bases.denoiser(pipe))
     _registry(pipe).clear()
 
 
@@ -234,11 +227,22 @@ def parse_adapter_arg(arg: str, default_strength: float = 1.0) -> tuple[str, flo
     return arg, default_strength
 
 
+def schedulers_for(pipe) -> list[str]:
+    """The solvers that fit the base: flow-matching ones for FLUX / SD3, the DDPM-family ones for UNet bases."""
+    flow = bases.family(pipe).flow_matching
+    return [n for n in SCHEDULERS if (n in FLOW_MATCHING_SCHEDULERS) == flow]
+
+
 def set_scheduler(pipe, name: str) -> None:
     """Sample with another solver (a key of SCHEDULERS), built from the pipeline's own noise schedule (betas,
-    prediction type, timestep spacing), so only the solver changes, never what the model was trained for."""
+    prediction type, timestep spacing, flow shift), so only the solver changes, never what the model was trained
+    for. A solver of the other kind (DDPM-family on a flow-matching base or back) is refused."""
     if name not in SCHEDULERS:
         raise EtherError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    fitting = schedulers_for(pipe)
+    if name not in fitting:
+        raise EtherError(f"scheduler {name!r} does not fit this {bases.family(pipe).name.upper()} base; "
+                         f"choose one of: {', '.join(fitting)}")
     import diffusers
 
     pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
@@ -265,17 +269,17 @@ def generate(
     """
     if steps < 1 or steps > 1000:
         raise EtherError(f"steps must be between 1 and 1000, got {steps}")
-    needed = control.needed_control(pipe.unet)
+    needed = control.needed_control(bases.denoiser(pipe))
     if needed and control_image is None:
         raise EtherError("active control adapter(s) need a control image: "
                          + ", ".join(f"{n} ({kind})" for n, kind in needed.items()))
     if control_image is not None and not needed:
         raise EtherError("a control image was given but no control adapter is active")
-    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    height = height or bases.default_resolution(pipe)
+    width = width or bases.default_resolution(pipe)
     image = control.prepare_control_image(control_image, width, height) if control_image is not None else None
     generator = torch.Generator(device="cpu").manual_seed(seed)
-    with control.control_image(pipe.unet, image, control_scale):
+    with control.control_image(bases.denoiser(pipe), image, control_scale):
         return pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                     num_images_per_prompt=num_images, height=height, width=width, generator=generator).images
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from . import bases
 from .adapter_file import check_base, read_adapter_file
 from .atomic import atomic_write
 from .control import needed_control
@@ -30,6 +31,7 @@ from .pipelines import (
     get_list_ether_adapters,
     load_ether_weights,
     pipeline_components,
+    schedulers_for,
     set_ether_adapters,
     set_scheduler,
 )
@@ -67,8 +69,9 @@ class Studio:
         # file → (internal adapter name, file version, listed name); the listed name is what messages show
         self._loaded: dict[Path, tuple[str, tuple[int, int], str]] = {}
         self._counter = 0
-        self.native_size = pipe.unet.config.sample_size * pipe.vae_scale_factor
-        self.size_multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+        self.native_size = bases.default_resolution(pipe)
+        self.size_multiple = bases.size_multiple(pipe)
+        self.schedulers = schedulers_for(pipe)  # only the solvers that fit the base
 
     # -- adapter library --------------------------------------------------------------------------------------
 
@@ -156,9 +159,10 @@ class Studio:
     def describe(self, name: str) -> dict:
         parsed = adapter_file_info(self.pipe, self.ensure_loaded(name))
         meta = parsed.metadata
-        unet = meta["components"].get("unet", {}).get("config", {})
-        return {"trigger": meta.get("instance_prompt") or "", "method": unet.get("method"),
-                "n_blocks": unet.get("n_blocks"), "parameters": parsed.num_parameters,
+        denoiser = next((meta["components"][c] for c in bases.DENOISER_NAMES if c in meta["components"]), {})
+        config = denoiser.get("config", {})
+        return {"trigger": meta.get("instance_prompt") or "", "method": config.get("method"),
+                "n_blocks": config.get("n_blocks"), "parameters": parsed.num_parameters,
                 "base_model": meta.get("base_model"), "components": sorted(meta["components"]),
                 "control": (parsed.control or {}).get("kind")}
 
@@ -183,7 +187,7 @@ class Studio:
         size = req.size or self.native_size
         if size % self.size_multiple:
             raise EtherError(f"size must be a multiple of {self.size_multiple}, got {size}")
-        hint = req.control_image if needed_control(self.pipe.unet) else None  # the base side of compare has none
+        hint = req.control_image if needed_control(bases.denoiser(self.pipe)) else None  # the base side of compare has none
         return generate(self.pipe, req.prompt, negative_prompt=req.negative_prompt or None, seed=seed,
                         steps=int(clamp("steps", req.steps)), guidance=clamp("guidance", req.guidance),
                         num_images=int(clamp("num_images", req.num_images)), height=size, width=size,

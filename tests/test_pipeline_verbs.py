@@ -22,6 +22,7 @@ from ether_diffusion.pipelines import (
     parse_adapter_arg,
     pipeline_components,
     set_ether_adapters,
+    schedulers_for,
     set_scheduler,
     unfuse_ether,
     unload_ether_weights,
@@ -89,7 +90,8 @@ def test_adapter_argument_parsing():
 def test_set_scheduler_changes_the_solver_and_keeps_the_trained_noise_schedule():
     pipe = tiny_sd_pipeline()
     trained = pipe.scheduler
-    for name, cls in SCHEDULERS.items():
+    for name in schedulers_for(pipe):
+        cls = SCHEDULERS[name]
         set_scheduler(pipe, name)
         assert type(pipe.scheduler) is getattr(diffusers, cls)
         assert torch.equal(pipe.scheduler.alphas_cumprod, trained.alphas_cumprod)
@@ -97,6 +99,8 @@ def test_set_scheduler_changes_the_solver_and_keeps_the_trained_noise_schedule()
     before = pipe.scheduler
     with pytest.raises(EtherError, match="unknown scheduler 'k_lms'.*Euler a"):
         set_scheduler(pipe, "k_lms")
+    with pytest.raises(EtherError, match="'FlowMatch Euler' does not fit this UNET base"):
+        set_scheduler(pipe, "FlowMatch Euler")
     assert pipe.scheduler is before
 
 

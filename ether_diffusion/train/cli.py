@@ -26,6 +26,14 @@ SHORT_HELP = {
     "resume_from_checkpoint": "'latest' or a checkpoint folder",
     "timestep_bias_strategy": "none, later (favour the noisiest timesteps, where the layout is decided), earlier "
                               "or range (--timestep-bias-begin/-end); weighted by --timestep-bias-multiplier",
+    "weighting_scheme": "FLUX / SD3 timestep sampling and loss weighting: none, logit_normal, mode, sigma_sqrt or "
+                        "cosmap (default: FLUX none, SD3 logit_normal, as diffusers' scripts)",
+    "guidance_scale": "FLUX: the guidance-embedding value trained with, when the transformer has one",
+    "max_sequence_length": "FLUX / SD3: T5 tokens per prompt (default: FLUX 512, SD3 77)",
+    "precondition_outputs": "SD3: compare x estimates instead of velocities (EDM preconditioning)",
+    "logit_mean": "FLUX / SD3 logit_normal weighting's mean",
+    "logit_std": "FLUX / SD3 logit_normal weighting's std",
+    "mode_scale": "FLUX / SD3 mode weighting's scale",
     "validation_prompts": "repeatable; default: the instance prompt (dreambooth) or each row's caption (control)",
 }
 

@@ -1,5 +1,5 @@
 """Pieces every training loop shares: seeded per-step randomness, the diffusion loss, optimiser and schedule,
-checkpoints with exact resume, text conditioning for SD 1.x / 2.x / SDXL.
+checkpoints with exact resume, text conditioning for SD 1.x / 2.x / SDXL, FLUX.1 and SD3.
 
 Randomness is drawn from generators seeded by (seed, step, rank), not from a global stream, so a run resumed
 at step k draws exactly what the uninterrupted run drew: resume equivalence needs only the adapter vectors,
@@ -16,10 +16,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .. import bases
 from ..atomic import atomic_write, atomic_write_text
 from ..errors import EtherError
 
 CHECKPOINT_PREFIX = "checkpoint-"
+DEFAULT_MAX_SEQUENCE_LENGTH = {"flux": 512, "sd3": 77}  # T5 tokens per prompt, as diffusers' scripts
 
 
 def step_generator(seed: int, step: int, rank: int = 0, stream: int = 0) -> torch.Generator:
@@ -172,11 +174,24 @@ def load_checkpoint_state(path: Path, optimizer, lr_scheduler, scaler=None) -> d
 
 
 def is_sdxl(pipe) -> bool:
-    return getattr(pipe, "text_encoder_2", None) is not None
+    """An SDXL UNet base (two CLIP encoders, pooled embeddings and size ids); SD3 also has a `text_encoder_2`."""
+    return bases.family(pipe).name == "unet" and getattr(pipe, "text_encoder_2", None) is not None
 
 
-def encode_text(pipe, prompts: list[str], device) -> dict:
-    """UNet conditioning for prompts: {'encoder_hidden_states': …[, 'text_embeds': pooled]} (SDXL adds pooled)."""
+def encode_text(pipe, prompts: list[str], device, max_sequence_length: int | None = None) -> dict:
+    """Denoiser conditioning for prompts, from the pipeline's own `encode_prompt`: {'encoder_hidden_states': …}
+    plus SDXL's pooled 'text_embeds' or FLUX / SD3's 'pooled_projections'. `max_sequence_length` is the T5 token
+    budget of FLUX / SD3 (default: the diffusers scripts' 512 / 77)."""
+    family = bases.family(pipe).name
+    if family in DEFAULT_MAX_SEQUENCE_LENGTH:
+        length = max_sequence_length or DEFAULT_MAX_SEQUENCE_LENGTH[family]
+        if family == "flux":
+            embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, num_images_per_prompt=1,
+                                                   max_sequence_length=length)
+        else:
+            embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
+                                                      do_classifier_free_guidance=False, max_sequence_length=length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
     if is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)

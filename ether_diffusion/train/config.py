@@ -20,6 +20,7 @@ from ..runtime import DEVICES
 
 
 TIMESTEP_BIAS_STRATEGIES = ("none", "earlier", "later", "range")
+WEIGHTING_SCHEMES = ("none", "logit_normal", "mode", "sigma_sqrt", "cosmap")  # diffusers' SD3 / FLUX scripts
 
 
 @dataclass
@@ -123,6 +124,14 @@ class DreamBoothConfig(TrainingConfig):
     prior_loss_weight: float = 1.0
     sample_batch_size: int = 4
     class_generation_steps: int = 25
+    # flow matching (FLUX.1, SD3): the diffusers scripts' flags and defaults
+    weighting_scheme: str | None = None
+    logit_mean: float = 0.0
+    logit_std: float = 1.0
+    mode_scale: float = 1.29
+    guidance_scale: float = 3.5
+    max_sequence_length: int | None = None
+    precondition_outputs: bool = True
 
     def run_name(self) -> str:
         return self.instance_prompt
@@ -137,6 +146,11 @@ class DreamBoothConfig(TrainingConfig):
             raise EtherError("prior preservation needs --class-prompt and --class-dir")
         if self.cache_latents and not self.center_crop:
             raise EtherError("--cache-latents needs centre crops (random crops change the latents every step)")
+        if self.weighting_scheme is not None and self.weighting_scheme not in WEIGHTING_SCHEMES:
+            raise EtherError(f"weighting_scheme must be one of {', '.join(WEIGHTING_SCHEMES)}, "
+                             f"got {self.weighting_scheme!r}")
+        if self.max_sequence_length is not None and not 1 <= self.max_sequence_length <= 512:
+            raise EtherError(f"max_sequence_length must be between 1 and 512, got {self.max_sequence_length}")
 
 
 @dataclass

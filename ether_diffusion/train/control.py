@@ -15,23 +15,14 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from .. import inject
+from .. import bases, inject
 from ..adapter_file import CONTROL_MODULE, AdapterFile, copy_vectors, save_adapter
 from ..atomic import atomic_write, atomic_write_text
 from ..control import attach_control, build_encoder, control_image, encoder_config
 from ..data import ControlExample, Example, load_control_dataset, load_control_folder, prepare
 from ..layers import AdapterConfig
 from ..pipelines import describe_base, generate, image_grid
-from .common import (
-    diffusion_loss,
-    make_lr_scheduler,
-    make_optimizer,
-    min_snr_weights,
-    noisy_latents_and_target,
-    timestep_weights,
-    step_generator,
-    unet_kwargs,
-)
+from .common import make_lr_scheduler, make_optimizer, step_generator
 from .config import ControlConfig
 from .loop import (
     LatentSource,
@@ -45,6 +36,7 @@ from .loop import (
     run_steps,
     sample_indices,
 )
+from .objectives import NoisePrediction
 
 ADAPTER_NAME = "control"
 ADAPTER_FILE = "ether_control.safetensors"
@@ -75,6 +67,7 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
     rank, world = accelerator.process_index, accelerator.num_processes
     device = accelerator.device
     pipe, weight_dtype, resolution = prepare_base(cfg, device, pipe)
+    bases.require_unet(pipe, "control training")
     for name in ("text_encoder", "text_encoder_2"):
         if getattr(pipe, name, None) is not None:
             getattr(pipe, name).requires_grad_(False)
@@ -117,8 +110,8 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
     conditioning = TextConditioner(pipe, device, cache=True)
     latents_of = LatentSource(pipe, [Example(Path(""), r.image, r.caption) for r in rows], resolution, device,
                               cache=cfg.cache_latents)
-    scheduler = open_run(cfg, pipe, accelerator, output_dir, "ether-control")
-    bias = timestep_weights(cfg, scheduler.config.num_train_timesteps)
+    open_run(cfg, accelerator, output_dir, "ether-control")
+    objective = NoisePrediction(pipe, cfg, resolution, weight_dtype, device)
     bs, accum = cfg.train_batch_size, cfg.gradient_accumulation_steps
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
@@ -128,12 +121,8 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
         hints = torch.stack([control_tensor(rows[i], resolution) for i in idx]).to(device)
         drop = torch.rand(bs, generator=g) < cfg.caption_dropout  # unconditional samples: guidance works later
         caps = ["" if d else rows[i].caption for i, d in zip(idx, drop.tolist())]
-        noisy, t, target = noisy_latents_and_target(scheduler, latents, g, cfg.noise_offset, bias)
-        kwargs = unet_kwargs(pipe, conditioning(caps), bs, resolution, weight_dtype, device)
-        with accelerator.autocast(), control_image(pipe.unet, hints):
-            pred = pipe.unet(noisy, t, **kwargs).sample
-        snr = min_snr_weights(scheduler, t, cfg.snr_gamma) if cfg.snr_gamma else None
-        return diffusion_loss(pred, target, snr).mean() / accum
+        with control_image(pipe.unet, hints):
+            return objective.loss(latents, conditioning(caps), g, accelerator.autocast).mean() / accum
 
     def validate(step: int) -> str:
         return run_validation(pipe, cfg, rows, output_dir, step, accelerator)

@@ -1,7 +1,7 @@
 """DreamBooth-style subject training with ETHER / ETHER+ adapters, on accelerate.
 
 `train_dreambooth(config)` is the whole job: validate inputs, load the base, make missing class images, train
-the adapter vectors (UNet, optionally text encoders), checkpoint, validate, and write
+the adapter vectors (UNet or FLUX / SD3 transformer, optionally the CLIP text encoders), checkpoint, validate, and write
 `OUTPUT_DIR/ether_adapter.safetensors` with a model card. Runs unchanged under `accelerate launch` (DDP): every
 rank computes its own micro-batches, gradients of the (small) adapter vectors are averaged with one all-reduce,
 and only rank 0 writes files.
@@ -15,23 +15,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .. import inject
+from .. import bases, inject
 from ..adapter_file import copy_vectors, save_adapter
 from ..atomic import atomic_write, atomic_write_text
 from ..data import Example, check_resolution, load_dataset_examples, load_folder
 from ..errors import EtherError
 from ..layers import AdapterConfig
 from ..pipelines import describe_base, image_grid, pipeline_components
-from .common import (
-    diffusion_loss,
-    make_lr_scheduler,
-    make_optimizer,
-    min_snr_weights,
-    noisy_latents_and_target,
-    timestep_weights,
-    step_generator,
-    unet_kwargs,
-)
+from .common import make_lr_scheduler, make_optimizer, step_generator
 from .config import DreamBoothConfig
 from .loop import (
     LatentSource,
@@ -45,6 +36,7 @@ from .loop import (
     run_steps,
     sample_indices,
 )
+from .objectives import make_objective
 
 ADAPTER_NAME = "default"
 ADAPTER_FILE = "ether_adapter.safetensors"
@@ -63,9 +55,10 @@ def ensure_class_images(pipe, cfg: DreamBoothConfig, accelerator) -> list[Exampl
         for start in range(0, missing, cfg.sample_batch_size):
             chunk = indices[start : start + cfg.sample_batch_size]
             generators = [torch.Generator().manual_seed(cfg.seed * 100_003 + i) for i in chunk]
-            with torch.no_grad():
+            with torch.no_grad():  # at the training size (a FLUX / SD3 default of 1024 px would be resized anyway)
                 images = pipe(cfg.class_prompt, num_images_per_prompt=len(chunk), generator=generators,
-                              num_inference_steps=cfg.class_generation_steps).images
+                              num_inference_steps=cfg.class_generation_steps, height=cfg.resolution,
+                              width=cfg.resolution).images
             for i, image in zip(chunk, images):
                 atomic_write(class_dir / f"class-{i:05d}.png", lambda tmp, im=image: im.save(tmp, format="PNG"))
             bar.update(len(chunk))
@@ -146,11 +139,13 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
 
     torch.manual_seed(cfg.seed)  # identical adapter initialisation on every rank
     components = pipeline_components(pipe)
-    unet_cfg = AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides, targets=cfg.targets)
+    denoiser = bases.denoiser(pipe)
+    objective = make_objective(pipe, cfg, resolution, weight_dtype, device)  # refuses flags of the other family
+    denoiser_cfg = AdapterConfig(method=cfg.method, n_blocks=cfg.n_blocks, sides=cfg.sides, targets=cfg.targets)
     groups = []
     if cfg.train_adapters:
-        inject.add_adapter(pipe.unet, ADAPTER_NAME, unet_cfg)
-        groups.append({"params": inject.trainable_parameters(pipe.unet), "lr": cfg.learning_rate})
+        inject.add_adapter(denoiser, ADAPTER_NAME, denoiser_cfg)
+        groups.append({"params": inject.trainable_parameters(denoiser), "lr": cfg.learning_rate})
     elif not extra_trainable:
         raise EtherError("nothing to train: train_adapters is off and no extra parameters were given")
     text_models = [m for n, m in components.items() if n.startswith("text_encoder")]
@@ -165,8 +160,8 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
     if extra_trainable:  # after the text encoders are frozen: extra parameters may live in them
         groups.append({"params": [p.requires_grad_(True) for p in extra_trainable], "lr": cfg.learning_rate})
     if cfg.gradient_checkpointing:
-        pipe.unet.enable_gradient_checkpointing()
-        pipe.unet.train()  # diffusers checkpoints only in training mode
+        denoiser.enable_gradient_checkpointing()
+        denoiser.train()  # diffusers checkpoints only in training mode
     params = [p for g in groups for p in g["params"]]
     n_params = sum(p.numel() for p in params)
     optimizer = prepare_optimizer(accelerator, make_optimizer(groups, cfg))
@@ -186,7 +181,7 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
                         lr_scheduler, accelerator.is_main_process, accelerator.scaler)
 
     text_trained = any(p.requires_grad for model in text_models for p in model.parameters())
-    conditioning = TextConditioner(pipe, device, cache=not text_trained)
+    conditioning = TextConditioner(pipe, device, cache=not text_trained, max_sequence_length=cfg.max_sequence_length)
 
     def source(examples: list[Example]) -> LatentSource:
         return LatentSource(pipe, examples, resolution, device, cache=cfg.cache_latents,
@@ -195,8 +190,7 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
     sources = [(source(instance), instance, 1.0)]
     if class_examples:
         sources.append((source(class_examples), class_examples, cfg.prior_loss_weight))
-    scheduler = open_run(cfg, pipe, accelerator, output_dir, "ether-dreambooth")
-    bias = timestep_weights(cfg, scheduler.config.num_train_timesteps)
+    open_run(cfg, accelerator, output_dir, "ether-dreambooth")
     bs, accum = cfg.train_batch_size, cfg.gradient_accumulation_steps
 
     def micro_loss(step: int, micro: int) -> torch.Tensor:
@@ -209,12 +203,7 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
             caps += [examples[i].caption for i in idx]
             weights += [weight] * bs
         latents = torch.cat(latents).to(device, weight_dtype)
-        noisy, t, target = noisy_latents_and_target(scheduler, latents, g, cfg.noise_offset, bias)
-        kwargs = unet_kwargs(pipe, conditioning(caps), len(caps), resolution, weight_dtype, device)
-        with accelerator.autocast():
-            pred = pipe.unet(noisy, t, **kwargs).sample
-        snr = min_snr_weights(scheduler, t, cfg.snr_gamma) if cfg.snr_gamma else None
-        per_sample = diffusion_loss(pred, target, snr)
+        per_sample = objective.loss(latents, conditioning(caps), g, accelerator.autocast)
         w = torch.tensor(weights, device=device)
         return (per_sample * w).sum() / bs / accum  # instance mean + prior_loss_weight × class mean
 
@@ -238,8 +227,9 @@ def train_dreambooth(cfg: DreamBoothConfig, pipe=None,
 def run_validation(pipe, cfg: DreamBoothConfig, output_dir: Path, step: int, accelerator) -> str:
     """Draw the validation prompts with the current adapter; save one grid (rows: prompts) and log it."""
     prompts = cfg.validation_prompts or [cfg.instance_prompt]
-    was_training = pipe.unet.training
-    pipe.unet.eval()
+    denoiser = bases.denoiser(pipe)
+    was_training = denoiser.training
+    denoiser.eval()
     rows = []
     with torch.no_grad():
         for i, prompt in enumerate(prompts):
@@ -247,7 +237,7 @@ def run_validation(pipe, cfg: DreamBoothConfig, output_dir: Path, step: int, acc
             rows.append(pipe(prompt, num_images_per_prompt=cfg.num_validation_images, generator=generator,
                              num_inference_steps=cfg.validation_inference_steps,
                              guidance_scale=cfg.validation_guidance).images)
-    pipe.unet.train(was_training)
+    denoiser.train(was_training)
     rel = f"validation/step-{step:06d}.png"
     grid = image_grid(rows)
     atomic_write(output_dir / rel, lambda tmp: grid.save(tmp, format="PNG"))

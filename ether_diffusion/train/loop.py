@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from .. import bases
 from ..adapter_file import AdapterFile, read_adapter_file
 from ..data import Example, check_resolution, prepare
 from ..errors import EtherError
@@ -78,14 +79,14 @@ def prepare_base(cfg: TrainingConfig, device, pipe=None):
     # pipelines decode in the UNet's dtype, so their VAE must stay in it (as in diffusers' own scripts)
     if is_sdxl(pipe) and getattr(pipe.vae.config, "force_upcast", False) and weight_dtype != torch.float32:
         pipe.vae.to(torch.float32)
-    resolution = cfg.resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = cfg.resolution or bases.default_resolution(pipe)
     cfg.resolution = resolution
     check_resolution(resolution)
-    factor = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    factor = bases.size_multiple(pipe)
     if resolution % factor:
         raise EtherError(f"resolution {resolution} does not fit this base model (use a multiple of {factor})")
     pipe.vae.requires_grad_(False)
-    pipe.unet.requires_grad_(False)
+    bases.denoiser(pipe).requires_grad_(False)
     return pipe, weight_dtype, resolution
 
 
@@ -142,37 +143,34 @@ class LatentSource:
 
 
 class TextConditioner:
-    """Captions → UNet text conditioning. With frozen text encoders each caption is encoded once and reused."""
+    """Captions → denoiser text conditioning. With frozen text encoders each caption is encoded once and reused
+    (on FLUX / SD3 this is what keeps T5 out of the training steps)."""
 
-    def __init__(self, pipe, device, cache: bool):
-        self.pipe, self.device = pipe, device
+    def __init__(self, pipe, device, cache: bool, max_sequence_length: int | None = None):
+        self.pipe, self.device, self.max_sequence_length = pipe, device, max_sequence_length
         self.cache: dict[str, dict] | None = {} if cache else None
 
     def __call__(self, captions: list[str]) -> dict:
         if self.cache is None:
-            return encode_text(self.pipe, captions, self.device)
+            return encode_text(self.pipe, captions, self.device, self.max_sequence_length)
         missing = sorted({c for c in captions if c not in self.cache})
         if missing:
             with torch.no_grad():
-                encoded = encode_text(self.pipe, missing, self.device)
+                encoded = encode_text(self.pipe, missing, self.device, self.max_sequence_length)
             for i, c in enumerate(missing):
                 self.cache[c] = {k: v[i : i + 1] for k, v in encoded.items()}
         parts = [self.cache[c] for c in captions]
         return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
-def open_run(cfg: TrainingConfig, pipe, accelerator, output_dir: Path, tracker: str):
-    """Create the run folder, save the resolved settings, start the trackers; return the base's training
-    noise schedule (a DDPMScheduler from its scheduler config)."""
+def open_run(cfg: TrainingConfig, accelerator, output_dir: Path, tracker: str) -> None:
+    """Create the run folder, save the resolved settings, start the trackers."""
     from dataclasses import asdict
-
-    from diffusers import DDPMScheduler
 
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_resolved(cfg, output_dir / "training_config.json")
         accelerator.init_trackers(tracker, config={k: str(v) for k, v in asdict(cfg).items()})
-    return DDPMScheduler.from_config(pipe.scheduler.config)
 
 
 def check_same_adapter(cfg: TrainingConfig, adapter: AdapterFile, where: Path) -> None:
