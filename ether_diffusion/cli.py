@@ -183,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="export adapters as a LoRA (diffusers or kohya keys) or a merged pipeline")
     p.add_argument("adapters", nargs="+", metavar="ADAPTER[:STRENGTH]", help="applied in this order")
-    p.add_argument("--to", choices=["lora", "kohya", "merged"], required=True)
+    p.add_argument("--to", choices=["lora", "kohya", "merged"], required=True,
+                   help="lora: diffusers / PEFT keys (diffusers' load_lora_weights); kohya: A1111 / ComfyUI / Forge "
+                        "keys (FLUX.1: the original BFL layout with fused q/k/v; none for SD3); merged: a plain "
+                        "diffusers pipeline")
     p.add_argument("--out", required=True, help="file (lora, kohya, merged --single-file) or folder (merged)")
     p.add_argument("--base", default=None, help="the base the adapters were trained on (default: embedded)")
     p.add_argument("--strength", type=float, default=1.0, help="strength for adapters given without :STRENGTH")

@@ -1,4 +1,5 @@
-"""Exact export of ETHER adapters as LoRA files (diffusers/PEFT keys, kohya keys) and as merged pipelines.
+"""Exact export of ETHER adapters as LoRA files (diffusers/PEFT keys, kohya keys; FLUX.1 in the BFL layout) and as
+merged pipelines.
 
 The update an adapter makes to a weight, ΔW = H_out·W·H_in − W, has low rank: its columns lie in the span of the
 output-side vectors and of W times the input-side vectors (rank ≤ n per ETHER side, 2n per ETHER+ side). So
@@ -15,7 +16,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save
 
-from . import bases, control, inject
+from . import bases, control, flux_layout, inject
 from .atomic import atomic_write_bytes
 from .errors import EtherError
 from .ether import unit_blocks
@@ -89,21 +90,32 @@ def lora_key_names(comp: str, layer_name: str, style: str, sdxl: bool) -> tuple[
 
 
 def lora_state_dict(pipe, style: str = "diffusers", dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
-    """The active adapters of `pipe` as LoRA tensors: 'diffusers' (PEFT keys) or 'kohya' (A1111 / ComfyUI keys)."""
+    """The active adapters of `pipe` as LoRA tensors: 'diffusers' (PEFT keys) or 'kohya' (A1111 / ComfyUI keys;
+    on FLUX.1 the original BFL layout with fused q/k/v, see `flux_layout`)."""
     family = bases.family(pipe).name
-    if style == "kohya" and family != "unet":
-        raise EtherError(f"--to kohya writes A1111 / kohya UNet keys; for this {family.upper()} base use --to lora "
-                         "(diffusers keys, which diffusers' load_lora_weights and ComfyUI read)")
+    if style == "kohya" and family == "sd3":
+        raise EtherError("--to kohya has no SD3 layout; use --to lora (diffusers keys, which diffusers' "
+                         "load_lora_weights and ComfyUI read)")
     factors = _all_factors(pipe)
-    sdxl = family == "unet" and "text_encoder_2" in pipeline_components(pipe)
+    sdxl = family == "flux" or (family == "unet" and "text_encoder_2" in pipeline_components(pipe))
     tensors: dict[str, torch.Tensor] = {}
+
+    def put(down_key: str, up_key: str, alpha_key: str | None, up: torch.Tensor, down: torch.Tensor) -> None:
+        tensors[down_key], tensors[up_key] = down, up
+        if alpha_key:
+            tensors[alpha_key] = torch.tensor(float(down.shape[0]), dtype=dtype)  # alpha = rank: scale 1
+
     for comp, layers in factors.items():
+        if style == "kohya" and family == "flux" and comp == "transformer":
+            fused = flux_layout.fused_factors(pipe.transformer, {n: (u, d) for n, (u, d, _) in layers.items()})
+            for bfl, (up, down) in fused.items():
+                key = "lora_unet_" + bfl.replace(".", "_")
+                put(f"{key}.lora_down.weight", f"{key}.lora_up.weight", f"{key}.alpha", up.to(dtype).contiguous(),
+                    down.to(dtype).contiguous())
+            continue
         for layer_name, (up, down, layer) in layers.items():
             up, down = _shaped(up, down, layer, dtype)
-            down_key, up_key, alpha_key = lora_key_names(comp, layer_name, style, sdxl)
-            tensors[down_key], tensors[up_key] = down, up
-            if alpha_key:
-                tensors[alpha_key] = torch.tensor(float(down.shape[0]), dtype=dtype)  # alpha = rank: scale 1
+            put(*lora_key_names(comp, layer_name, style, sdxl), up, down)
     return tensors
 
 

@@ -235,6 +235,89 @@ def test_lora_keys_are_diffusers_transformer_and_clip_keys(trained, kind):
     assert all(".text_model.encoder.layers." in k for k in keys if k.startswith("text_encoder"))
 
 
+# FLUX.1's BFL layout, as ComfyUI's `flux_to_diffusers` map writes it down: (BFL weight, diffusers parts stacked)
+BFL_DOUBLE = {"img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"), "img_attn.proj": ("attn.to_out.0",),
+              "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"),
+              "txt_attn.proj": ("attn.to_add_out",), "img_mlp.0": ("ff.net.0.proj",), "img_mlp.2": ("ff.net.2",),
+              "txt_mlp.0": ("ff_context.net.0.proj",), "txt_mlp.2": ("ff_context.net.2",)}
+BFL_SINGLE = {"linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"), "linear2": ("proj_out",)}
+
+
+def bfl_weights(transformer) -> dict[str, torch.Tensor]:
+    """A diffusers FLUX transformer's block weights in the BFL layout (fused by concatenation)."""
+    out = {}
+    for kind, blocks, table in (("double_blocks", transformer.transformer_blocks, BFL_DOUBLE),
+                                ("single_blocks", transformer.single_transformer_blocks, BFL_SINGLE)):
+        for i, block in enumerate(blocks):
+            for bfl, parts in table.items():
+                out[f"{kind}.{i}.{bfl}"] = torch.cat([block.get_submodule(p).weight.detach() for p in parts])
+    return out
+
+
+@pytest.fixture(scope="module")
+def flux_attn_ff(dit, tmp_path_factory):
+    """A FLUX adapter on attn+ff (every BFL target: fused q/k/v, single blocks' linear1 with its mlp part)."""
+    from ether_diffusion.cli import main
+
+    run = tmp_path_factory.mktemp("flux-ff")
+    train_dreambooth(config(dit, "flux", run, targets="attn+ff", train_text_encoder=True))
+    for to in ("kohya", "merged"):
+        assert main(["export", str(run / "ether_adapter.safetensors"), "--base", str(dit / "flux"), "--to", to,
+                     "--dtype", "fp32", "--out", str(run / f"export-{to}")]) == 0
+    return run
+
+
+def test_kohya_export_of_flux_is_the_bfl_layout_that_merges_to_the_adapted_weights(dit, flux_attn_ff):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    lora = load_file(flux_attn_ff / "export-kohya")
+    base = bfl_weights(DiffusionPipeline.from_pretrained(dit / "flux").transformer)
+    merged_pipe = DiffusionPipeline.from_pretrained(flux_attn_ff / "export-merged")
+    merged = bfl_weights(merged_pipe.transformer)
+    modules = {k.rsplit(".", 2)[0] for k in lora if k.startswith("lora_unet_")}
+    assert modules == {"lora_unet_" + k.replace(".", "_") for k in base}  # attn+ff reaches every block weight
+    for name, weight in base.items():  # ComfyUI: W + up @ down · alpha / rank
+        key = "lora_unet_" + name.replace(".", "_")
+        up, down, alpha = lora[f"{key}.lora_up.weight"], lora[f"{key}.lora_down.weight"], lora[f"{key}.alpha"]
+        torch.testing.assert_close(weight + up @ down * (alpha / down.shape[0]), merged[name], atol=1e-5, rtol=0)
+    assert any((merged[k] - base[k]).abs().max() > 1e-3 for k in base)  # not vacuous
+    te = {k for k in lora if not k.startswith("lora_unet_")}
+    assert te and all(k.startswith("lora_te1_text_model_encoder_layers_") for k in te)  # ComfyUI's CLIP-L keys
+
+
+def test_diffusers_reads_the_flux_kohya_export_back_into_the_merged_model(dit, tmp_path):
+    """diffusers' own sd-scripts FLUX converter (fixed to FLUX.1's single-block widths, so double blocks here)."""
+    from diffusers import DiffusionPipeline
+
+    from ether_diffusion.cli import main
+
+    double_only = r"transformer_blocks\.\d+\.attn\.(to_(q|k|v)|to_out\.0|add_(q|k|v)_proj|to_add_out)"
+    train_dreambooth(config(dit, "flux", tmp_path, targets=double_only, train_text_encoder=True))
+    for to in ("kohya", "merged"):
+        assert main(["export", str(tmp_path / "ether_adapter.safetensors"), "--base", str(dit / "flux"), "--to", to,
+                     "--dtype", "fp32", "--out", str(tmp_path / f"export-{to}.safetensors" if to == "kohya"
+                                                      else tmp_path / "merged")]) == 0
+    pipe = DiffusionPipeline.from_pretrained(dit / "flux")
+    pipe.load_lora_weights(tmp_path / "export-kohya.safetensors")
+    want = denoiser_and_text(DiffusionPipeline.from_pretrained(tmp_path / "merged"), "flux")
+    for a, b in zip(denoiser_and_text(pipe, "flux"), want):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
+def test_bfl_targets_of_full_size_flux_are_comfyui_keys():
+    from ether_diffusion.flux_layout import bfl_target
+
+    model = full_size("flux")
+    reference = {f"double_blocks.{i}.{k}" for i in range(19) for k in BFL_DOUBLE}
+    reference |= {f"single_blocks.{i}.{k}" for i in range(38) for k in BFL_SINGLE}
+    got = {bfl_target(n)[0] for n in find_targets(model, "attn+ff")}
+    assert got == reference
+    assert {bfl_target(n)[0] for n in find_targets(model, "attn")} == {
+        k for k in reference if k.endswith(("attn.qkv", "attn.proj", "linear1"))}
+    assert bfl_target("proj_out") is None and bfl_target("transformer_blocks.0.norm1.linear") is None
+
+
 # -- the command line -----------------------------------------------------------------------------------------------
 
 def cli(*args):
@@ -254,7 +337,8 @@ def test_train_generate_export_work_as_printed_and_misfits_exit_2_in_one_line(di
     (control_dir / "metadata.jsonl").write_text(json.dumps({"image": "a.png", "conditioning_image": "a.png",
                                                             "text": "x"}) + "\n")
     for args, message in [
-        (["export", adapter, "--base", dit / "flux", "--to", "kohya", "--out", tmp_path / "k"], "use --to lora"),
+        (["export", trained["sd3"] / "ether_adapter.safetensors", "--base", dit / "sd3", "--to", "kohya", "--out",
+          tmp_path / "k"], "no SD3 layout; use --to lora"),
         (["train", "control", "--base", dit / "flux", "--data-dir", control_dir, "--output-dir", tmp_path / "c",
           "--resolution", 32], "control training works on UNet bases"),
         (["train", "dreambooth", "--base", dit / "sd3", "--instance-dir", dit / "inst", "--instance-prompt", "a sks dog",
