@@ -382,3 +382,57 @@ def test_two_processes_train_a_flux_adapter(dit, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("adapter written to") == 1
     assert json.loads((out / "training_summary.json").read_text())["processes"] == 2
+
+
+def test_the_diffusers_sd3_script_command_trains_the_layers_it_names(dit, tmp_path):
+    """`train_dreambooth_lora_sd3.py`'s flags, with `--lora_layers` / `--lora_blocks` becoming the targets."""
+    from ether_diffusion.adapter_file import read_adapter_file
+    from ether_diffusion.train.diffusers_flags import main
+
+    out = tmp_path / "out"
+    argv = [f"--pretrained_model_name_or_path={dit / 'sd3'}", f"--instance_data_dir={dit / 'inst'}",
+            f"--output_dir={out}", "--instance_prompt=a photo of sks dog", "--resolution=32", "--train_batch_size=1",
+            "--learning_rate=1e-2", "--lr_scheduler=constant", "--max_train_steps=2", "--weighting_scheme=mode",
+            "--mode_scale=1.29", "--max_sequence_length=16", "--precondition_outputs=0",
+            "--lora_layers=attn.to_k,attn.to_q", "--lora_blocks=1", "--seed=0"]
+    assert main(argv) == 0
+    saved = json.loads((out / "training_config.json").read_text())
+    assert saved["weighting_scheme"] == "mode" and saved["precondition_outputs"] is False
+    layers = read_adapter_file(out / "ether_adapter.safetensors").components["transformer"]["layers"]
+    assert sorted(layers) == ["transformer_blocks.1.attn.to_k", "transformer_blocks.1.attn.to_q"]
+    assert main([*argv[:-3], "--lora_layers=attn.to_k", "--targets=attn"]) == 2
+
+
+def nf4(linear: torch.nn.Module) -> torch.nn.Module:
+    """bitsandbytes' nf4 Linear4bit holding `linear`'s weight (quantised on CPU; diffusers' own nf4 loading
+    insists on a GPU, the layer does not)."""
+    import bitsandbytes as bnb
+
+    q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                          compute_dtype=torch.float32, quant_type="nf4")
+    q.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    if linear.bias is not None:
+        q.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    return q.to("cpu")
+
+
+def test_ether_trains_on_an_nf4_quantised_flux_transformer(dit, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    from ether_diffusion.inject import _replace, adapter_modules
+
+    pipe = load_pipeline(str(dit / "flux"))
+    names = find_targets(pipe.transformer, "attn")
+    for name in names:
+        _replace(pipe.transformer, name, nf4(pipe.transformer.get_submodule(name)))
+    packed = {n: pipe.transformer.get_submodule(n).weight.data.clone() for n in names}
+    cfg = config(dit, "flux", tmp_path, max_steps=3, checkpointing_steps=3)
+    train_dreambooth(cfg, pipe=pipe)
+    summary = json.loads((tmp_path / "training_summary.json").read_text())
+    assert summary["final_loss"] == summary["final_loss"]  # finite, not NaN
+    layers = adapter_modules(pipe.transformer, "default")
+    assert sorted(layers) == sorted(names)
+    assert all(type(pipe.transformer.get_submodule(n).base).__name__ == "Linear4bit" for n in names)
+    assert all(torch.equal(pipe.transformer.get_submodule(n).base.weight.data, packed[n]) for n in names)  # frozen
+    from ether_diffusion.adapter_file import read_adapter_file
+
+    assert read_adapter_file(tmp_path / "ether_adapter.safetensors").components["transformer"]["layers"]

@@ -1,4 +1,5 @@
-"""diffusers' DreamBooth-LoRA command line, for ETHER: the flag names of `train_dreambooth_lora.py` mapped onto
+"""diffusers' DreamBooth-LoRA command line, for ETHER: the flag names of `train_dreambooth_lora.py` (and of its
+FLUX / SD3 siblings `train_dreambooth_lora_flux.py`, `train_dreambooth_lora_sd3.py`) mapped onto
 `DreamBoothConfig`, so swapping the script name in such a command trains an ETHER adapter.
 
     accelerate launch apps/train_dreambooth_ether.py --pretrained_model_name_or_path=… --instance_data_dir=…
@@ -14,6 +15,7 @@ import math
 
 from ..data import IMAGE_SUFFIXES
 from ..errors import EtherError
+from ..inject import MODEL_PRESETS
 from .config import DreamBoothConfig, build_config
 
 # diffusers flag → DreamBoothConfig field (None: same name)
@@ -27,7 +29,10 @@ SAME = ("output_dir", "instance_prompt", "class_prompt", "resolution", "train_ba
         "prior_loss_weight", "sample_batch_size", "adam_beta1", "adam_beta2", "adam_weight_decay", "adam_epsilon",
         "max_grad_norm", "snr_gamma", "noise_offset", "resume_from_checkpoint", "text_encoder_lr",
         "timestep_bias_strategy", "timestep_bias_multiplier", "timestep_bias_begin", "timestep_bias_end",
-        "timestep_bias_portion", "dataset_name", "image_column", "caption_column")
+        "timestep_bias_portion", "dataset_name", "image_column", "caption_column",
+        # FLUX / SD3 scripts
+        "weighting_scheme", "logit_mean", "logit_std", "mode_scale", "guidance_scale", "max_sequence_length",
+        "precondition_outputs")
 SWITCHES = ("with_prior_preservation", "train_text_encoder", "gradient_checkpointing", "use_8bit_adam",
             "center_crop", "random_flip")
 ETHER_FLAGS = {"method": "ether or etherplus (default etherplus)", "n_blocks": "block-diagonal blocks (default 1)",
@@ -58,10 +63,34 @@ def build_parser() -> argparse.ArgumentParser:
     for flag, text in ETHER_FLAGS.items():
         p.add_argument(f"--{flag}", default=None, help=text)
     p.add_argument("--validation_epochs", default=None, help="validate every N passes over the instance pictures")
+    p.add_argument("--lora_layers", default=None,
+                   help="FLUX / SD3 scripts: comma-separated module names to adapt (e.g. attn.to_k,attn.to_q); "
+                        "becomes --targets")
+    p.add_argument("--lora_blocks", default=None,
+                   help="SD3 script: comma-separated transformer block indices the layers are taken from")
     p.add_argument("--report_to", default="tensorboard", help="tensorboard (logged when installed), all or none")
     for flag in REFUSED:
         p.add_argument(f"--{flag}", default=None, nargs="?", const=True, help=argparse.SUPPRESS)
     return p
+
+
+def targets_from_lora_layers(layers: str | None, blocks: str | None) -> str:
+    """diffusers' `--lora_layers` (module names, matched as name endings, as PEFT's target_modules) and SD3's
+    `--lora_blocks` (block indices) as a `--targets` value: one exact pattern per module name."""
+    import re
+
+    names = [n.strip() for n in (layers or "").split(",") if n.strip()]
+    patterns = [re.escape(n) for n in names] or ["attn"]  # the scripts' default layers are the attn preset
+    if blocks is None:
+        return ",".join(patterns)
+    try:
+        indices = [int(b) for b in blocks.split(",") if b.strip()]
+    except ValueError:
+        raise EtherError(f"--lora_blocks must be comma-separated block numbers, got {blocks!r}") from None
+    if patterns == ["attn"]:
+        patterns = list(MODEL_PRESETS["SD3Transformer2DModel"]["attn"])
+    alternatives = "|".join(str(i) for i in indices)
+    return ",".join(rf"transformer_blocks\.({alternatives})\.{p}" for p in patterns)
 
 
 def steps_per_epoch(instance_dir: str, batch: int) -> int:
@@ -83,7 +112,11 @@ def config_from_args(argv: list[str] | None = None) -> DreamBoothConfig:
         raise EtherError(f"--report_to {args.report_to}: only TensorBoard logging is built in (logged when "
                          "tensorboard is installed); use tensorboard or none")
     values = {RENAMED.get(k, k): v for k, v in vars(args).items()
-              if v is not None and k not in ("validation_epochs", "report_to", *REFUSED)}
+              if v is not None and k not in ("validation_epochs", "report_to", "lora_layers", "lora_blocks", *REFUSED)}
+    if args.lora_layers is not None or args.lora_blocks is not None:
+        if args.targets is not None:
+            raise EtherError("give the layers as --targets or as --lora_layers / --lora_blocks, not both")
+        values["targets"] = targets_from_lora_layers(args.lora_layers, args.lora_blocks)
     if "validation_prompts" in values:
         values["validation_prompts"] = [values["validation_prompts"]]
     cfg = build_config(DreamBoothConfig, {}, values)
