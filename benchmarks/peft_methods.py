@@ -17,13 +17,15 @@ ETHER_METHODS = ("ether", "etherplus")
 
 
 def add_peft(model: torch.nn.Module, kind: str, targets: str = "attn") -> list[torch.nn.Parameter]:
-    """Inject PEFT `kind` (lora-r4 as diffusers' DreamBooth default, dora-r4 the same with `use_dora` as diffusers'
+    """Inject PEFT `kind` (lora-r4 as diffusers' DreamBooth default, lora-r16 the rank FLUX LoRAs are commonly
+    trained at, dora-r4 the same with `use_dora` as diffusers'
     `--use_dora`, delora-r4 with PEFT's default boundary lambda 15, oft with PEFT's default block size, hra-r1)
     into the layers `targets` selects; return its parameters, which alone require gradients."""
     from peft import DeloraConfig, HRAConfig, LoraConfig, OFTConfig, inject_adapter_in_model
 
     names = find_targets(model, targets)
     config = {"lora-r4": LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", target_modules=names),
+              "lora-r16": LoraConfig(r=16, lora_alpha=16, init_lora_weights="gaussian", target_modules=names),
               "dora-r4": LoraConfig(r=4, lora_alpha=4, init_lora_weights="gaussian", use_dora=True,
                                     target_modules=names),
               "delora-r4": DeloraConfig(r=4, delora_lambda=15, target_modules=names),

@@ -67,3 +67,17 @@ def test_subject_benchmark_reports_where_misses_lie(tmp_path):
     assert all(0 <= v["decoded_matches"] <= v["n"] for v in part["codec_ceiling"].values())
     assert report["summary"]["random"]["etherplus"]["subjects"] == 1
     assert (tmp_path / "grids" / "random-11.png").exists()
+
+
+def test_flux_block_benchmark_times_ether_against_lora_r16(tmp_path):
+    out = tmp_path / "flux.json"
+    run("dit_blocks.py", "--heads", "2", "--image-tokens", "16", "--text-tokens", "8", "--rounds", "2",
+        "--methods", "etherplus-n1,lora-r16", "--out", str(out))
+    report = json.loads(out.read_text())
+    rows = {r["method"]: r for r in report["rows"]}
+    assert set(rows) == {"etherplus-n1", "lora-r16"}
+    assert rows["lora-r16"]["trainable_params"] > rows["etherplus-n1"]["trainable_params"]
+    for row in rows.values():
+        assert row["step_time_s"] > 0 and row["peak_memory_mb"] >= 0
+        assert math.isfinite(row["step_time_ratio_to_lora"])
+    assert set(report["targets"]) == {"etherplus-n1 step / lora-r16", "etherplus-n1 peak memory / lora-r16"}
