@@ -144,6 +144,22 @@ def tiny_sd3_pipeline(seed: int = 0):
         tokenizer_3=t5_tokenizer(), scheduler=FlowMatchEulerDiscreteScheduler())
 
 
+def full_size_transformer(kind: str):
+    """FLUX.1-dev's or SD3.5-medium's transformer (their repositories' transformer/config.json) on the meta device:
+    every layer name and shape, no memory."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    with torch.device("meta"):
+        if kind == "flux":
+            return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
+                                          attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                                          pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+        return SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
+                                     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                                     pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
+                                     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+
+
 def tiny_backbones(folder) -> tuple[str, str]:
     """Randomly initialised DINO-style ViT and CLIP folders (with processors) for the evaluation plumbing."""
     from pathlib import Path

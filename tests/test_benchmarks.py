@@ -81,3 +81,13 @@ def test_flux_block_benchmark_times_ether_against_lora_r16(tmp_path):
         assert row["step_time_s"] > 0 and row["peak_memory_mb"] >= 0
         assert math.isfinite(row["step_time_ratio_to_lora"])
     assert set(report["targets"]) == {"etherplus-n1 step / lora-r16", "etherplus-n1 peak memory / lora-r16"}
+
+
+def test_dit_sizes_count_full_size_flux_and_sd35_layers(tmp_path):
+    out = tmp_path / "sizes.json"
+    run("dit_sizes.py", "--out", str(out))
+    rows = {(r["base"], r["targets"], r["method"]): r for r in json.loads(out.read_text())["rows"]}
+    assert rows[("flux", "attn", "lora-r16")]["layers"] == 19 * 8 + 38 * 3  # the FLUX script's attention layers
+    for (base, targets, method), row in rows.items():
+        if method == "etherplus-n1":  # two vectors per side and layer against LoRA's 16 per side: exactly 1/8
+            assert row["parameters"] * 8 == rows[(base, targets, "lora-r16")]["parameters"]

@@ -16,6 +16,7 @@ from ether_diffusion import EtherError
 from ether_diffusion.bases import check_model_index, family
 from ether_diffusion.inject import find_targets
 from ether_diffusion.pipelines import load_ether_weights, load_pipeline, pipeline_components, schedulers_for, set_scheduler
+from ether_diffusion.testing import full_size_transformer as full_size
 from ether_diffusion.testing import tiny_flux_pipeline, tiny_sd3_pipeline
 from ether_diffusion.train.common import encode_text
 from ether_diffusion.train.config import DreamBoothConfig
@@ -66,21 +67,6 @@ def trained(dit, tmp_path_factory):
 
 
 # -- which layers ---------------------------------------------------------------------------------------------------
-
-def full_size(kind):
-    """FLUX.1-dev's and SD3.5-medium's transformer configs (their repositories' transformer/config.json), on meta."""
-    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
-
-    with torch.device("meta"):
-        if kind == "flux":
-            return FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38,
-                                          attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                          pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=[16, 56, 56])
-        return SD3Transformer2DModel(sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64,
-                                     num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
-                                     pooled_projection_dim=2048, out_channels=16, pos_embed_max_size=384,
-                                     dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
-
 
 ATTN = ["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0", "attn.add_q_proj", "attn.add_k_proj",
         "attn.add_v_proj", "attn.to_add_out"]  # diffusers' train_dreambooth_lora_{flux,sd3}.py target_modules
