@@ -83,6 +83,23 @@ def test_attn_preset_is_the_diffusers_scripts_layers_on_full_size_flux_and_sd35(
     assert sd3 == want and not any(".attn2." in n for n in sd3)  # SD3.5's second attention is left alone
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_lora_keys_of_full_size_bases_are_the_diffusers_loaders_keys(kind):
+    """The keys `FluxPipeline` / `StableDiffusion3Pipeline.load_lora_weights` look for (`transformer.` + the PEFT
+    module name + `.lora_A/B.weight`), for every layer of the full-size transformer's `attn` preset."""
+    from ether_diffusion.export import lora_key_names
+
+    blocks, singles = (19, 38) if kind == "flux" else (24, 0)
+    want = {f"transformer.transformer_blocks.{i}.{m}.lora_{ab}.weight" for i in range(blocks) for m in ATTN
+            for ab in "AB"}
+    want -= {f"transformer.transformer_blocks.23.attn.to_add_out.lora_{ab}.weight" for ab in "AB"} if kind == "sd3" else set()
+    want |= {f"transformer.single_transformer_blocks.{i}.attn.to_{x}.lora_{ab}.weight" for i in range(singles)
+             for x in "qkv" for ab in "AB"}
+    got = {key for name in find_targets(full_size(kind), "attn")
+           for key in lora_key_names("transformer", name, "diffusers", False)[:2]}
+    assert got == want
+
+
 def test_attn_ff_adds_the_feed_forwards_and_flux_single_block_mlps_only():
     flux = set(find_targets(full_size("flux"), "attn+ff")) - set(find_targets(full_size("flux"), "attn"))
     assert {n.split(".", 2)[-1] for n in flux if n.startswith("transformer_blocks.")} == {
