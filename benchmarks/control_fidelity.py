@@ -50,7 +50,9 @@ def parse_method(spec: str) -> tuple[str, float | None]:
     return name, float(lr) if lr else None
 
 
-def run_method(spec: str, data: Path, work: Path, args) -> dict:
+def run_method(spec: str, data: Path, work: Path, args) -> list[dict]:
+    """Train one method, then score it at each control scale (rows `SPEC`, and `SPEC×SCALE` for scales other
+    than 1)."""
     name, lr = parse_method(spec)
     overrides, peft_kind = METHODS[name]
     overrides = {**overrides, "n_blocks": args.n_blocks} if name.startswith("ether") else dict(overrides)
@@ -67,11 +69,16 @@ def run_method(spec: str, data: Path, work: Path, args) -> dict:
     summary = json.loads((work / spec / "training_summary.json").read_text())
     trainable = summary["trainable_parameters"]  # the loop counts every group it trained, extra ones included
     pipe.unet.eval()
-    with torch.no_grad():
-        scores = control_fidelity(pipe, args.kind, args.eval_n, args.eval_seed, steps=args.eval_steps)
-    return {"method": spec, "learning_rate": None if name == "encoder" else overrides["learning_rate"],
-            "trainable_params": trainable, "encoder_params": summary["encoder_parameters"],
-            "train_seconds": round(seconds, 1), "final_loss": summary["final_loss"], **scores}
+    rows = []
+    for scale in args.control_scales:
+        with torch.no_grad():
+            scores = control_fidelity(pipe, args.kind, args.eval_n, args.eval_seed, steps=args.eval_steps,
+                                      control_scale=scale)
+        rows.append({"method": spec if scale == 1 else f"{spec}×{scale:g}", "control_scale": scale,
+                     "learning_rate": None if name == "encoder" else overrides["learning_rate"],
+                     "trainable_params": trainable, "encoder_params": summary["encoder_parameters"],
+                     "train_seconds": round(seconds, 1), "final_loss": summary["final_loss"], **scores})
+    return rows
 
 
 def paired_gain(row: dict, reference: dict, resamples: int = 10_000) -> dict:
@@ -130,6 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--eval-n", type=int, default=96)
     ap.add_argument("--eval-seed", type=int, default=4321)
     ap.add_argument("--eval-steps", type=int, default=20)
+    ap.add_argument("--control-scales", type=lambda v: [float(x) for x in v.split(",")], default=[1.0],
+                    help="comma-separated: score each trained method with its control features × each scale")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--merge", type=Path, nargs="+", default=None,
                     help="combine the JSON of runs made in parallel (same settings) into --out; trains nothing")
@@ -148,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
                 base, args.kind, args.eval_n, args.eval_seed, steps=args.eval_steps)})
             del base
         for name in args.methods.split(","):
-            rows.append(run_method(name, data, Path(tmp), args))
-            print(json.dumps(rows[-1]), flush=True)
+            for row in run_method(name, data, Path(tmp), args):
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     report(rows, {k: str(v) for k, v in vars(args).items()}, args.out)
 
 

@@ -91,3 +91,14 @@ def test_dit_sizes_count_full_size_flux_and_sd35_layers(tmp_path):
     for (base, targets, method), row in rows.items():
         if method == "etherplus-n1":  # two vectors per side and layer against LoRA's 16 per side: exactly 1/8
             assert row["parameters"] * 8 == rows[(base, targets, "lora-r16")]["parameters"]
+
+
+def test_control_benchmark_has_the_delora_row_and_control_scales(tmp_path):
+    out = tmp_path / "control.json"
+    run("control_fidelity.py", "--methods", "etherplus@1e-1,delora", "--rows", "8", "--steps", "2", "--batch", "2",
+        "--eval-n", "2", "--eval-steps", "2", "--skip-base", "--control-scales", "1,2", "--out", str(out))
+    rows = {r["method"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"etherplus@1e-1", "etherplus@1e-1×2", "delora", "delora×2"}
+    assert rows["delora"]["learning_rate"] == 6e-3 and rows["delora×2"]["control_scale"] == 2
+    for row in rows.values():
+        assert 0 <= row["mean_iou"] <= 1 and row["trainable_params"] > row["encoder_params"]

@@ -110,8 +110,9 @@ def base_quality(pipe, n: int, seed: int, steps: int = 25, guidance: float = 7.5
 
 
 def control_fidelity(pipe, kind: str, n: int, seed: int, steps: int = 20, guidance: float = 7.5,
-                     batch: int = 8) -> dict:
-    """How well generated pictures follow control maps of held-out scenes (with the active control adapters).
+                     batch: int = 8, control_scale: float = 1.0) -> dict:
+    """How well generated pictures follow control maps of held-out scenes (with the active control adapters, their
+    features multiplied by `control_scale`).
 
     Per picture: IoU between the scene's object mask (what the control map shows) and the object the checker
     finds, and whether background, colour and shape match the caption.
@@ -127,7 +128,8 @@ def control_fidelity(pipe, kind: str, n: int, seed: int, steps: int = 20, guidan
         chunk = scenes[start : start + batch]
         images = generate(pipe, [world.caption(s) for s in chunk], seed=seed * 7 + start, steps=steps,
                           guidance=guidance,
-                          control_image=[RENDERERS[kind](s) for s in chunk] if with_control else None)
+                          control_image=[RENDERERS[kind](s) for s in chunk] if with_control else None,
+                          control_scale=control_scale)
         for scene, image in zip(chunk, images):
             reading = checker.read(image)
             truth = world.shape_mask(scene.shape, scene.cx, scene.cy, scene.radius) >= 0.5
