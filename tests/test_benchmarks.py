@@ -50,14 +50,14 @@ def test_adapters_benchmark_has_dora_and_delora_rows(tmp_path):
 
 
 def test_subject_benchmark_reports_where_misses_lie(tmp_path):
-    """One random subject, ETHER+ and DeLoRA for a few steps: every share and the codec ceiling are written."""
+    """One random subject, ETHER+, DeLoRA and DoRA for a few steps: every share and the codec ceiling are written."""
     out = tmp_path / "subjects.json"
-    run("subjects.py", "--subjects", "random-11", "--methods", "etherplus,delora-r4", "--steps", "2", "--seeds", "1",
+    run("subjects.py", "--subjects", "random-11", "--methods", "etherplus,delora-r4,dora-r4", "--steps", "2", "--seeds", "1",
         "--sampling-steps", "2", "--codec-n", "1", "--out", str(out), "--grids", str(tmp_path / "grids"))
     report = json.loads(out.read_text())
     (part,) = report["subjects"]
     assert part["subject"] == "random-11" and part["description"]
-    assert [r["method"] for r in part["rows"]] == ["etherplus", "delora-r4"]
+    assert [r["method"] for r in part["rows"]] == ["etherplus", "delora-r4", "dora-r4"]
     for row in [part["base"], *part["rows"]]:
         for key in ("subject_fidelity", "subject_match_rate", "identity_rate", "context_rate", "prompt_fidelity",
                     "class_drift"):
@@ -102,3 +102,13 @@ def test_control_benchmark_has_the_delora_row_and_control_scales(tmp_path):
     assert rows["delora"]["learning_rate"] == 6e-3 and rows["delora×2"]["control_scale"] == 2
     for row in rows.values():
         assert 0 <= row["mean_iou"] <= 1 and row["trainable_params"] > row["encoder_params"]
+
+
+def test_learning_rate_study_takes_delora(tmp_path):
+    out = tmp_path / "lr.json"
+    run("lr_robustness.py", "--methods", "delora-r4", "--multipliers", "1,1000", "--steps", "2", "--seeds", "1",
+        "--sampling-steps", "2", "--class-images", "1", "--out", str(out), "--plot", str(tmp_path / "lr.png"))
+    report = json.loads(out.read_text())
+    assert [(r["method"], r["multiplier"]) for r in report["rows"]] == [("delora-r4", 1.0), ("delora-r4", 1000.0)]
+    assert report["rows"][1]["learning_rate"] == pytest.approx(6.0)  # 1,000 x its documented 6e-3
+    assert all(0 <= r["subject_fidelity"] <= 1 for r in report["rows"]) and (tmp_path / "lr.png").exists()
