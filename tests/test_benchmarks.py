@@ -107,8 +107,8 @@ def test_control_benchmark_has_the_delora_row_and_control_scales(tmp_path):
 def test_learning_rate_study_takes_delora(tmp_path):
     out = tmp_path / "lr.json"
     run("lr_robustness.py", "--methods", "delora-r4", "--multipliers", "1,1000", "--steps", "2", "--seeds", "1",
-        "--sampling-steps", "2", "--class-images", "1", "--out", str(out), "--plot", str(tmp_path / "lr.png"))
+        "--sampling-steps", "2", "--class-images", "1", "--out", str(out))
     report = json.loads(out.read_text())
     assert [(r["method"], r["multiplier"]) for r in report["rows"]] == [("delora-r4", 1.0), ("delora-r4", 1000.0)]
     assert report["rows"][1]["learning_rate"] == pytest.approx(6.0)  # 1,000 x its documented 6e-3
-    assert all(0 <= r["subject_fidelity"] <= 1 for r in report["rows"]) and (tmp_path / "lr.png").exists()
+    assert all(0 <= r["subject_fidelity"] <= 1 for r in report["rows"])
