@@ -21,7 +21,7 @@ import sys
 
 import torch
 from adapters import peak_rss_mb, rss_mb, timed
-from interleaved import quartiles
+from interleaved import interleaved_rounds, quartiles, share_into
 from peft_methods import add_peft
 
 from ether_diffusion import AdapterConfig, add_adapter
@@ -98,9 +98,7 @@ def sibling(model, args):
     """The same model again, its frozen tensors shared (and the floor's bias copied, since it trains in place)."""
     with torch.device("meta"):
         twin, _ = build(argparse.Namespace(**{**vars(args), "device": "meta"}))
-    state = {k: (v.detach().clone() if k == "x_embedder.bias" else v.detach()) for k, v in model.state_dict().items()}
-    twin.load_state_dict(state, assign=True)
-    return twin.requires_grad_(False)
+    return share_into(twin, model, "x_embedder.bias")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -134,13 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     first, inputs = build(args)
     models = [first] + [sibling(first, args) for _ in methods[1:]]
     steps = {m: step_fn(model, inputs, attach(model, m)) for model, m in zip(models, methods)}
-    for method in methods:  # warm-up
-        steps[method]()
-    rounds = []
-    for r in range(args.rounds):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]
-        rounds.append({m: timed(steps[m], 1, 0, args.device) for m in order})
-        print(f"round {r + 1}/{args.rounds}: " + " ".join(f"{m} {rounds[-1][m]:.2f}" for m in methods), flush=True)
+    rounds = interleaved_rounds(steps, args.rounds, 1, args.device)
     rows = []
     for method in methods:
         row = {**memory[method], "step_time_s": statistics.median(rd[method] for rd in rounds)}

@@ -27,14 +27,34 @@ from ether_diffusion.runtime import DTYPES
 from ether_diffusion.train.common import adamw
 
 
+def share_into(twin: torch.nn.Module, model: torch.nn.Module, own: str) -> torch.nn.Module:
+    """`twin` (the same config, built on the meta device) holding `model`'s tensors (frozen, so sharing is safe);
+    `own`, the one parameter a method trains in place (the floor's bias), gets its own copy."""
+    state = {k: (v.detach().clone() if k == own else v.detach()) for k, v in model.state_dict().items()}
+    twin.load_state_dict(state, assign=True)
+    return twin.requires_grad_(False)
+
+
 def sibling(model: torch.nn.Module, shape: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
-    """A second UNet of the same config whose tensors are the first one's (frozen, so sharing is safe); the only
-    parameter a method may train in place, `conv_in`'s bias (the floor's), gets its own copy."""
+    """A second UNet of the same config sharing the first one's tensors, `conv_in`'s bias copied."""
     with torch.device("meta"):
         twin, _ = build_unet(shape, "meta", dtype)
-    state = {k: (v.detach().clone() if k == "conv_in.bias" else v.detach()) for k, v in model.state_dict().items()}
-    twin.load_state_dict(state, assign=True)
-    return twin.to(device).requires_grad_(False)
+    return share_into(twin, model, "conv_in.bias").to(device)
+
+
+def interleaved_rounds(steps: dict, rounds: int, warmup: int, device: str) -> list[dict[str, float]]:
+    """`warmup` untimed steps of each method, then `rounds` rounds each timing one step of every method back to
+    back, the order rotating from round to round: {method: seconds} per round."""
+    methods = list(steps)
+    for _ in range(warmup):
+        for method in methods:
+            steps[method]()
+    times = []
+    for r in range(rounds):
+        order = methods[r % len(methods):] + methods[:r % len(methods)]
+        times.append({method: timed(steps[method], 1, 0, device) for method in order})
+        print(f"round {r + 1}/{rounds}: " + " ".join(f"{m} {times[-1][m]:.3f}" for m in methods), flush=True)
+    return times
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
@@ -65,14 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         attach(unet, method)
         steps[method] = training_step(unet, inputs, adamw([p for p in unet.parameters() if p.requires_grad], lr=1e-4))
 
-    for _ in range(args.warmup):
-        for method in methods:
-            steps[method]()
-    rounds = []
-    for r in range(args.rounds):
-        order = methods[r % len(methods):] + methods[:r % len(methods)]
-        rounds.append({method: timed(steps[method], 1, 0, args.device) for method in order})
-        print(f"round {r + 1}/{args.rounds}: " + " ".join(f"{m} {rounds[-1][m]:.3f}" for m in methods), flush=True)
+    rounds = interleaved_rounds(steps, args.rounds, args.warmup, args.device)
 
     rows = []
     for method in methods:

@@ -77,6 +77,11 @@ def check_model_index(model_index: dict) -> None:
                      f"{', '.join(SUPPORTED_PIPELINES)} (SD 1.x, 2.x, SDXL, FLUX.1, SD3 / SD3.5)")
 
 
+def is_sdxl(pipe) -> bool:
+    """An SDXL UNet base (two CLIP encoders, pooled embeddings and size ids); SD3 also has a `text_encoder_2`."""
+    return family(pipe).name == "unet" and getattr(pipe, "text_encoder_2", None) is not None
+
+
 def default_resolution(pipe) -> int:
     """The picture size the base was made for."""
     model = denoiser(pipe)

@@ -97,7 +97,7 @@ def lora_state_dict(pipe, style: str = "diffusers", dtype: torch.dtype = torch.f
         raise EtherError("--to kohya has no SD3 layout; use --to lora (diffusers keys, which diffusers' "
                          "load_lora_weights and ComfyUI read)")
     factors = _all_factors(pipe)
-    sdxl = family == "flux" or (family == "unet" and "text_encoder_2" in pipeline_components(pipe))
+    sdxl = family == "flux" or bases.is_sdxl(pipe)  # kohya's lora_te1_ / lora_te2_ CLIP keys
     tensors: dict[str, torch.Tensor] = {}
 
     def put(down_key: str, up_key: str, alpha_key: str | None, up: torch.Tensor, down: torch.Tensor) -> None:

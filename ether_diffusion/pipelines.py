@@ -275,8 +275,8 @@ def generate(
                          + ", ".join(f"{n} ({kind})" for n, kind in needed.items()))
     if control_image is not None and not needed:
         raise EtherError("a control image was given but no control adapter is active")
-    height = height or bases.default_resolution(pipe)
-    width = width or bases.default_resolution(pipe)
+    native = bases.default_resolution(pipe)
+    height, width = height or native, width or native
     image = control.prepare_control_image(control_image, width, height) if control_image is not None else None
     generator = torch.Generator(device="cpu").manual_seed(seed)
     with control.control_image(bases.denoiser(pipe), image, control_scale):

@@ -173,11 +173,6 @@ def load_checkpoint_state(path: Path, optimizer, lr_scheduler, scaler=None) -> d
 # -- text conditioning ------------------------------------------------------------------------------------------
 
 
-def is_sdxl(pipe) -> bool:
-    """An SDXL UNet base (two CLIP encoders, pooled embeddings and size ids); SD3 also has a `text_encoder_2`."""
-    return bases.family(pipe).name == "unet" and getattr(pipe, "text_encoder_2", None) is not None
-
-
 def encode_text(pipe, prompts: list[str], device, max_sequence_length: int | None = None) -> dict:
     """Denoiser conditioning for prompts, from the pipeline's own `encode_prompt`: {'encoder_hidden_states': …}
     plus SDXL's pooled 'text_embeds' or FLUX / SD3's 'pooled_projections'. `max_sequence_length` is the T5 token
@@ -192,7 +187,7 @@ def encode_text(pipe, prompts: list[str], device, max_sequence_length: int | Non
             embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
                                                       do_classifier_free_guidance=False, max_sequence_length=length)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
-    if is_sdxl(pipe):
+    if bases.is_sdxl(pipe):
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, device=device, num_images_per_prompt=1,
                                                   do_classifier_free_guidance=False)
         return {"encoder_hidden_states": embeds, "text_embeds": pooled}

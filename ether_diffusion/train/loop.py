@@ -23,7 +23,7 @@ from ..errors import EtherError
 from ..layers import AdapterConfig
 from ..pipelines import load_pipeline
 from ..runtime import resolve_device
-from .common import check_finite, encode_text, is_sdxl, load_checkpoint_state, resolve_resume, save_checkpoint
+from .common import check_finite, encode_text, load_checkpoint_state, resolve_resume, save_checkpoint
 from .config import TrainingConfig, save_resolved
 
 
@@ -77,7 +77,7 @@ def prepare_base(cfg: TrainingConfig, device, pipe=None):
     pipe.set_progress_bar_config(disable=True)
     # SDXL's VAE overflows in fp16: keep it fp32 (its pipeline upcasts latents before decoding); SD 1.x / 2.x
     # pipelines decode in the UNet's dtype, so their VAE must stay in it (as in diffusers' own scripts)
-    if is_sdxl(pipe) and getattr(pipe.vae.config, "force_upcast", False) and weight_dtype != torch.float32:
+    if bases.is_sdxl(pipe) and getattr(pipe.vae.config, "force_upcast", False) and weight_dtype != torch.float32:
         pipe.vae.to(torch.float32)
     resolution = cfg.resolution or bases.default_resolution(pipe)
     cfg.resolution = resolution
