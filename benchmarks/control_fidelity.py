@@ -28,6 +28,7 @@ import torch
 from peft_methods import add_peft
 
 from ether_diffusion.atomic import atomic_write_text
+from ether_diffusion.control import INJECTIONS
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.toyworld.control_data import write_control_dataset
 from ether_diffusion.toyworld.evaluate import control_fidelity
@@ -60,7 +61,7 @@ def run_method(spec: str, data: Path, work: Path, args) -> list[dict]:
         overrides["learning_rate"] = lr
     pipe = load_pipeline(args.base)
     cfg = ControlConfig(data_dir=str(data), output_dir=str(work / spec), base=args.base, control_kind=args.kind,
-                        max_steps=args.steps, train_batch_size=args.batch, cache_latents=True, seed=args.seed,
+                        control_injection=args.injection, max_steps=args.steps, train_batch_size=args.batch, cache_latents=True, seed=args.seed,
                         checkpointing_steps=args.steps, encoder_learning_rate=args.encoder_lr, **overrides)
     extra = add_peft(pipe.unet, peft_kind, cfg.targets) if peft_kind else None
     t0 = time.time()
@@ -74,7 +75,9 @@ def run_method(spec: str, data: Path, work: Path, args) -> list[dict]:
         with torch.no_grad():
             scores = control_fidelity(pipe, args.kind, args.eval_n, args.eval_seed, steps=args.eval_steps,
                                       control_scale=scale)
-        rows.append({"method": spec if scale == 1 else f"{spec}×{scale:g}", "control_scale": scale,
+        label = spec if args.injection == "conv_in" else f"{spec}/{args.injection}"
+        rows.append({"method": label if scale == 1 else f"{label}×{scale:g}", "control_scale": scale,
+                     "injection": args.injection,
                      "learning_rate": None if name == "encoder" else overrides["learning_rate"],
                      "trainable_params": trainable, "encoder_params": summary["encoder_parameters"],
                      "train_seconds": round(seconds, 1), "final_loss": summary["final_loss"], **scores})
@@ -127,6 +130,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default="encoder,ether,etherplus,lora",
                     help="comma-separated; NAME@LR sets the adapters' learning rate, e.g. etherplus@1e-2")
     ap.add_argument("--n-blocks", type=int, default=1, help="ETHER / ETHER+ diagonal blocks")
+    ap.add_argument("--injection", choices=INJECTIONS, default="conv_in",
+                    help="where the encoder's features enter: conv_in (the paper) or multiscale (every down block); "
+                         "rows of multiscale runs are named METHOD/multiscale")
     ap.add_argument("--skip-base", action="store_true", help="do not score the base model without control")
     ap.add_argument("--base", default=None)
     ap.add_argument("--rows", type=int, default=2000, help="rendered training pairs")

@@ -22,7 +22,7 @@ from safetensors.torch import save
 
 from .atomic import atomic_write_bytes
 from .bases import COMPONENT_NAMES
-from .control import attach_control, build_encoder, control_encoders
+from .control import attach_control, build_encoder, control_encoders, down_block_factors
 from .errors import AdapterFileError, EtherError
 from .inject import add_adapter, adapter_modules, delete_adapter, ether_layers
 from .layers import AdapterConfig, EtherLayer, check_blocks, is_adaptable, layer_sizes
@@ -210,6 +210,13 @@ def _check_control(control) -> None:
             and _is_int(enc.get("conditioning_channels", 3), 1, 16)
             and isinstance(blocks, list) and 1 <= len(blocks) <= 8 and all(_is_int(b, 1, 4096) for b in blocks)):
         raise ValueError(f"malformed control encoder config {json.dumps(enc)[:200]}")
+    if enc.get("injection", "conv_in") == "multiscale":
+        levels, factors = enc.get("level_channels"), enc.get("level_factors")
+        if not (isinstance(levels, list) and isinstance(factors, list) and 1 <= len(levels) == len(factors) <= 8
+                and all(_is_int(c, 1, 8192) for c in levels) and all(_is_int(f, 1, 256) for f in factors)):
+            raise ValueError(f"malformed multiscale control encoder config {json.dumps(enc)[:200]}")
+    elif enc.get("injection", "conv_in") != "conv_in":
+        raise ValueError(f"unknown control injection {enc.get('injection')!r}")
 
 
 def parse_metadata(raw: str) -> dict:
@@ -332,6 +339,13 @@ def check_base(adapter: AdapterFile, components: dict[str, torch.nn.Module]) -> 
         if want != have:
             raise AdapterFileError(f"{adapter.path} was made for another base model: its control encoder gives "
                                    f"{want} channels, this UNet's conv_in gives {have}")
+        encoder = adapter.control["encoder"]
+        if encoder.get("injection") == "multiscale":
+            want = list(zip(encoder["level_channels"], encoder["level_factors"]))
+            have = list(zip(unet.config.block_out_channels, down_block_factors(unet)))
+            if want != have:
+                raise AdapterFileError(f"{adapter.path} was made for another base model: its multiscale control "
+                                       f"encoder feeds down blocks of (width, scale) {want}, this UNet has {have}")
     for comp, meta in adapter.components.items():
         if comp not in components or components[comp] is None:
             raise AdapterFileError(f"{adapter.path}: the adapter has a {comp!r} part but the base model has no {comp}")

@@ -129,12 +129,23 @@ def export_lora(pipe, out: str | Path, style: str = "diffusers", dtype: torch.dt
     return {"path": path, "ranks": ranks, "bytes": path.stat().st_size}
 
 
+ENCODER_USAGE = {  # what an exported control encoder's file says it is and where its output goes
+    "conv_in": {"class": "diffusers.models.controlnets.controlnet.ControlNetConditioningEmbedding",
+                "usage": "add encoder(control image as RGB in [0, 1] at the generation size) to unet.conv_in's output"},
+    "multiscale": {"class": "ether_diffusion.control.MultiScaleControlEncoder",
+                   "usage": "pass encoder(control image as RGB in [0, 1] at the generation size), a list with one "
+                            "tensor per down block, as the UNet's down_intrablock_additional_residuals"},
+}
+
+
 def export_control_encoders(pipe, out: str | Path) -> list[Path]:
     """Write each active control encoder beside the export, its strength baked into the last (linear) conv.
 
     A LoRA or merged UNet cannot carry the encoder, so it travels as its own file: the state dict of diffusers'
     `ControlNetConditioningEmbedding` with its config in the metadata; add its output on the control image
-    (RGB in [0, 1], generation size) to `unet.conv_in`'s output. Returns the paths written.
+    (RGB in [0, 1], generation size) to `unet.conv_in`'s output. A multiscale encoder's file holds
+    `ether_diffusion.control.MultiScaleControlEncoder`; its outputs go to the UNet as
+    `down_intrablock_additional_residuals`. Returns the paths written.
     """
     denoiser = bases.denoiser(pipe)
     state = control.control_encoders(denoiser)
@@ -144,13 +155,11 @@ def export_control_encoders(pipe, out: str | Path) -> list[Path]:
     for name, strength in strengths.items():
         encoder, kind, config = state[name], control.control_kinds(denoiser)[name], control.encoder_config_of(state[name])
         tensors = {k: v.detach().to("cpu", torch.float32).clone() for k, v in encoder.state_dict().items()}
-        for key in ("conv_out.weight", "conv_out.bias"):
+        for key in control.output_parameter_names(encoder):
             tensors[key] *= strength
         suffix = f".{name}.control_encoder.safetensors" if len(strengths) > 1 else ".control_encoder.safetensors"
         path = out / suffix.lstrip(".") if out.is_dir() or not out.suffix else out.with_name(out.stem + suffix)
-        meta = {"format": "pt", "class": "diffusers.models.controlnets.controlnet.ControlNetConditioningEmbedding",
-                "config": json.dumps(config), "control_kind": kind,
-                "usage": "add encoder(control image as RGB in [0, 1] at the generation size) to unet.conv_in's output"}
+        meta = {"format": "pt", "config": json.dumps(config), "control_kind": kind, **ENCODER_USAGE[control.injection_of(encoder)]}
         paths.append(atomic_write_bytes(path, save(tensors, metadata=meta)))
     return paths
 

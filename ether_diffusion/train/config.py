@@ -13,7 +13,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..atomic import atomic_write_text
-from ..control import CONTROL_KINDS
+from ..control import CONTROL_KINDS, INJECTIONS
 from ..errors import EtherError
 from ..paths import default_output_dir
 from ..runtime import DEVICES
@@ -166,6 +166,7 @@ class ControlConfig(TrainingConfig):
     conditioning_image_column: str = "conditioning_image"
     caption_column: str = "text"
     control_kind: str = "segmentation"
+    control_injection: str = "conv_in"
     method: str = "etherplus"
     targets: str = "attn+ff"
     learning_rate: float = 1e-1
@@ -186,6 +187,9 @@ class ControlConfig(TrainingConfig):
         super().validate()
         if self.control_kind not in CONTROL_KINDS:
             raise EtherError(f"control_kind must be one of {', '.join(CONTROL_KINDS)}, got {self.control_kind!r}")
+        if self.control_injection not in INJECTIONS:
+            raise EtherError(f"control_injection must be one of {', '.join(INJECTIONS)}, got "
+                             f"{self.control_injection!r}")
         if not self.encoder_learning_rate > 0:
             raise EtherError(f"encoder_learning_rate must be positive, got {self.encoder_learning_rate}")
         if not self.center_crop:

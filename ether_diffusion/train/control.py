@@ -73,7 +73,7 @@ def train_control(cfg: ControlConfig, pipe=None, extra_trainable: list[torch.nn.
             getattr(pipe, name).requires_grad_(False)
 
     torch.manual_seed(cfg.seed)  # identical initialisation on every rank
-    enc_config = encoder_config(pipe.unet, pipe.vae_scale_factor)
+    enc_config = encoder_config(pipe.unet, pipe.vae_scale_factor, cfg.control_injection)
     encoder = build_encoder(enc_config).to(device)
     attach_control(pipe.unet, ADAPTER_NAME, encoder, cfg.control_kind)
     groups = [{"params": list(encoder.parameters()), "lr": cfg.encoder_learning_rate}]
