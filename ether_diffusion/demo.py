@@ -19,9 +19,12 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .atomic import atomic_write, atomic_write_text
+from .control import INJECTIONS
+from .control_demo import ControlDemoSettings, run_control_demo
 from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
 from .runtime import add_device_arguments, mixed_precision_for, resolve_device, resolve_dtype
 from .toyworld import checker, world
+from .toyworld.control_data import RENDERERS
 from .toyworld.subjects import get_subject, resolve_subject
 from .toyworld.dataset import subject_rows, write_caption_folder
 from .toyworld.evaluate import judge, subject_prompts
@@ -181,34 +184,59 @@ def run_demo(settings: DemoSettings) -> dict:
 
 
 def add_demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="train and compare a subject adapter on the embedded model (CPU, minutes)")
-    defaults = DemoSettings()
-    p.add_argument("--out", default=defaults.out, help=f"output folder (default: {defaults.out})")
+    p = sub.add_parser("demo", help="train and compare a subject (or, with --task control, a control) adapter on the "
+                                    "embedded model (CPU, minutes)")
+    defaults, control = DemoSettings(), ControlDemoSettings()
+    p.add_argument("--task", choices=["subject", "control"], default="subject",
+                   help="subject: DreamBooth on one rendered subject; control: a control adapter on rendered "
+                        "segmentation or edge maps (default: subject)")
+    p.add_argument("--out", default=None, help=f"output folder (default: {defaults.out}, control: {control.out})")
     p.add_argument("--subject", default=defaults.subject,
                    help=f"{', '.join(world.SUBJECTS)}, random (a subject drawn from --seed) or random-N "
                         f"(default: {defaults.subject})")
     p.add_argument("--method", default=defaults.method, choices=["ether", "etherplus"])
     p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=defaults.train_text_encoder,
                    help="also adapt the text encoder's attention (default: on)")
-    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
-    p.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help=f"(default: {defaults.max_steps}, control: {control.max_steps})")
+    p.add_argument("--learning-rate", type=float, default=None,
+                   help=f"(default: {defaults.learning_rate:g}, control: {control.learning_rate:g})")
     p.add_argument("--class-images", type=int, default=defaults.class_images)
-    p.add_argument("--seeds", type=int, default=defaults.seeds, help="images per prompt and model")
-    p.add_argument("--sampling-steps", type=int, default=defaults.sampling_steps)
+    p.add_argument("--seeds", type=int, default=defaults.seeds, help="images per prompt (control: per map) and model")
+    p.add_argument("--sampling-steps", type=int, default=None,
+                   help=f"(default: {defaults.sampling_steps}, control: {control.sampling_steps})")
     p.add_argument("--seed", type=int, default=defaults.seed,
-                   help="seeds the instance placements, class pictures, training and sampling (default: 0)")
+                   help="seeds the instance placements (control: the training pairs), class pictures, training and "
+                        "sampling (default: 0)")
+    p.add_argument("--kind", choices=sorted(RENDERERS), default=control.kind,
+                   help=f"control: the kind of map (default: {control.kind})")
+    p.add_argument("--control-injection", choices=INJECTIONS, default=control.injection,
+                   help="control: where the map's features enter the UNet, conv_in (the paper's setting) or "
+                        f"multiscale (default: {control.injection})")
+    p.add_argument("--pairs", type=int, default=control.pairs, help=f"control: rendered training pairs "
+                                                                   f"(default: {control.pairs})")
+    p.add_argument("--maps", type=int, default=control.maps, help=f"control: held-out maps drawn and scored "
+                                                                 f"(default: {control.maps})")
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     add_device_arguments(p)
     p.set_defaults(func=cmd_demo)
 
 
+def _given(args: argparse.Namespace, defaults) -> dict:
+    """The shared flags the user gave; the task's own defaults fill the rest."""
+    return {k: getattr(args, k) for k in ("out", "max_steps", "learning_rate", "sampling_steps")
+            if getattr(args, k) is not None and hasattr(defaults, k)}
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
+    if args.task == "control":
+        cmd_control_demo(args)
+        return
     subject = resolve_subject(args.subject, args.seed).name
-    settings = DemoSettings(out=args.out, base=args.base, subject=subject, method=args.method,
-                            train_text_encoder=args.train_text_encoder,
-                            max_steps=args.max_steps, learning_rate=args.learning_rate,
-                            class_images=args.class_images, seeds=args.seeds, sampling_steps=args.sampling_steps,
-                            seed=args.seed, device=args.device, dtype=args.dtype)
+    settings = replace(DemoSettings(base=args.base, subject=subject, method=args.method,
+                                    train_text_encoder=args.train_text_encoder, class_images=args.class_images,
+                                    seeds=args.seeds, seed=args.seed, device=args.device, dtype=args.dtype),
+                       **_given(args, DemoSettings))
     report = run_demo(settings)
     out = Path(settings.out).resolve()
     b, a = report["base"], report["adapted"]
@@ -216,4 +244,18 @@ def cmd_demo(args: argparse.Namespace) -> None:
           f"prompt fidelity: base {b['prompt_fidelity']:.2f} → adapted {a['prompt_fidelity']:.2f}; "
           f"class drift: base {b['class_drift']:.2f} → adapted {a['class_drift']:.2f}")
     print(f"outputs in {out}: ether_adapter.safetensors, grid.png, report.md, report.json "
+          f"({report['seconds']['total']:.0f} s)")
+
+
+def cmd_control_demo(args: argparse.Namespace) -> None:
+    settings = replace(ControlDemoSettings(base=args.base, kind=args.kind, injection=args.control_injection,
+                                           pairs=args.pairs, maps=args.maps, seeds=args.seeds, seed=args.seed,
+                                           device=args.device, dtype=args.dtype),
+                       **_given(args, ControlDemoSettings))
+    report = run_control_demo(settings)
+    b, a = report["base"], report["adapted"]
+    print(f"\nmean IoU with the map: base {b['mean_iou']:.2f} → adapted {a['mean_iou']:.2f}; above 0.5: base "
+          f"{b['iou_over_0.5']:.2f} → adapted {a['iou_over_0.5']:.2f}; caption colour right: base "
+          f"{b['accuracy']['colour']:.2f} → adapted {a['accuracy']['colour']:.2f}")
+    print(f"outputs in {Path(settings.out).resolve()}: ether_control.safetensors, grid.png, report.md, report.json "
           f"({report['seconds']['total']:.0f} s)")

@@ -109,37 +109,42 @@ def base_quality(pipe, n: int, seed: int, steps: int = 25, guidance: float = 7.5
             "all_named_correct_by_pattern": {k: sum(v) / len(v) for k, v in sorted(by_pattern.items())}}
 
 
-def control_fidelity(pipe, kind: str, n: int, seed: int, steps: int = 20, guidance: float = 7.5,
-                     batch: int = 8, control_scale: float = 1.0) -> dict:
-    """How well generated pictures follow control maps of held-out scenes (with the active control adapters, their
-    features multiplied by `control_scale`).
+def control_scores(scenes: list[world.Scene], images: list) -> dict:
+    """How well pictures follow the maps of the scenes they were drawn from (one picture per scene, in order).
 
     Per picture: IoU between the scene's object mask (what the control map shows) and the object the checker
     finds, and whether background, colour and shape match the caption.
     """
+    ious, hits = [], {k: 0 for k in ("background", "colour", "shape")}
+    for scene, image in zip(scenes, images, strict=True):
+        reading = checker.read(image)
+        truth = world.shape_mask(scene.shape, scene.cx, scene.cy, scene.radius) >= 0.5
+        ious.append(float((truth & reading.mask).sum() / max((truth | reading.mask).sum(), 1)))
+        for k, v in reading.matches(scene).items():
+            if k in hits:
+                hits[k] += v
+    return {"mean_iou": float(np.mean(ious)), "iou_over_0.5": float(np.mean([v > 0.5 for v in ious])),
+            "accuracy": {k: v / len(scenes) for k, v in hits.items()}, "per_scene_iou": [round(v, 4) for v in ious]}
+
+
+def control_fidelity(pipe, kind: str, n: int, seed: int, steps: int = 20, guidance: float = 7.5,
+                     batch: int = 8, control_scale: float = 1.0) -> dict:
+    """`control_scores` of n held-out scenes, one picture each, drawn with the active control adapters (their
+    features multiplied by `control_scale`), or by the base model alone when none is active."""
     from ..control import needed_control
     from ..pipelines import generate
     from .control_data import RENDERERS, control_scenes
 
     with_control = bool(needed_control(pipe.unet))  # without: the base model's own placement, for reference
     scenes = control_scenes(n, seed)
-    ious, hits = [], {k: 0 for k in ("background", "colour", "shape")}
+    images = []
     for start in tqdm(range(0, n, batch), desc=f"{kind} fidelity"):
         chunk = scenes[start : start + batch]
-        images = generate(pipe, [world.caption(s) for s in chunk], seed=seed * 7 + start, steps=steps,
-                          guidance=guidance,
-                          control_image=[RENDERERS[kind](s) for s in chunk] if with_control else None,
-                          control_scale=control_scale)
-        for scene, image in zip(chunk, images):
-            reading = checker.read(image)
-            truth = world.shape_mask(scene.shape, scene.cx, scene.cy, scene.radius) >= 0.5
-            ious.append(float((truth & reading.mask).sum() / max((truth | reading.mask).sum(), 1)))
-            for k, v in reading.matches(scene).items():
-                if k in hits:
-                    hits[k] += v
-    return {"n": n, "seed": seed, "steps": steps, "guidance": guidance, "mean_iou": float(np.mean(ious)),
-            "iou_over_0.5": float(np.mean([v > 0.5 for v in ious])),
-            "accuracy": {k: v / n for k, v in hits.items()}, "per_scene_iou": [round(v, 4) for v in ious]}
+        images += generate(pipe, [world.caption(s) for s in chunk], seed=seed * 7 + start, steps=steps,
+                           guidance=guidance,
+                           control_image=[RENDERERS[kind](s) for s in chunk] if with_control else None,
+                           control_scale=control_scale)
+    return {"n": n, "seed": seed, "steps": steps, "guidance": guidance, **control_scores(scenes, images)}
 
 
 def _round_trip(vae, images: list) -> np.ndarray:
