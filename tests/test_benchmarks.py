@@ -112,3 +112,26 @@ def test_learning_rate_study_takes_delora(tmp_path):
     assert [(r["method"], r["multiplier"]) for r in report["rows"]] == [("delora-r4", 1.0), ("delora-r4", 1000.0)]
     assert report["rows"][1]["learning_rate"] == pytest.approx(6.0)  # 1,000 x its documented 6e-3
     assert all(0 <= r["subject_fidelity"] <= 1 for r in report["rows"])
+
+
+def test_composition_scores_subject_and_map_for_each_adapter_alone_and_both(tmp_path):
+    """Reduced: two briefly trained adapters; four setups on the same prompts, maps and seeds."""
+    from ether_diffusion.control_demo import ControlDemoSettings, run_control_demo
+    from ether_diffusion.demo import DemoSettings, run_demo
+
+    run_demo(DemoSettings(out=str(tmp_path / "s"), max_steps=4, class_images=2, seeds=1, sampling_steps=2))
+    run_control_demo(ControlDemoSettings(out=str(tmp_path / "c"), pairs=8, max_steps=4, maps=1, seeds=1,
+                                         sampling_steps=2))
+    out = tmp_path / "composition.json"
+    run("composition.py", "--subject-adapter", str(tmp_path / "s" / "ether_adapter.safetensors"),
+        "--control-adapter", str(tmp_path / "c" / "ether_control.safetensors"), "--placements", "1",
+        "--sampling-steps", "2", "--out", str(out), "--grid", str(tmp_path / "grid.png"))
+    report = json.loads(out.read_text())
+    rows = {r["setup"]: r for r in report["rows"]}
+    assert list(rows) == ["base", "subject only", "control only", "both"]
+    assert (rows["both"]["subject_strength"], rows["both"]["control_strength"]) == (1.0, 1.0)
+    for r in rows.values():
+        assert len(r["per_scene_iou"]) == report["pictures_per_setup"] == 7  # the subject's 7 context prompts
+        assert 0 <= r["subject_match_rate"] <= 1 and 0 <= r["mean_iou"] <= 1
+    # the same seeds and prompts: with both adapters off the pictures are the base model's own
+    assert rows["base"]["per_scene_iou"] != rows["both"]["per_scene_iou"]
