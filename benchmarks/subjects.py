@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -174,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
     with ThreadPoolExecutor(args.jobs) as pool:
         list(pool.map(run_child, subjects))
     parts = [json.loads((parts_dir / f"{s}.json").read_text()) for s in subjects]
-    report = {"command": "python benchmarks/subjects.py " + " ".join(argv),
+    report = {"command": "python benchmarks/subjects.py " + shlex.join(argv),
               "settings": {k: str(v) for k, v in vars(args).items() if k not in ("only", "part")},
               "summary": {name: summarise(parts, group) for name, group in groups.items()},
               "subjects": parts}
