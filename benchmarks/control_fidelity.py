@@ -95,9 +95,12 @@ def paired_gain(row: dict, reference: dict, resamples: int = 10_000) -> dict:
 
 
 def report(rows: list[dict], settings: dict, out: Path) -> None:
-    """Add each row's paired gain over the encoder-only row, print the table, write the JSON."""
-    encoder = next((r for r in rows if r["method"] == "encoder" and "per_scene_iou" in r), None)
+    """Add each row's paired gain over the encoder-only row of the same injection, print the table, write the
+    JSON."""
+    encoders = {r.get("injection", "conv_in"): r for r in rows
+                if r["method"].partition("/")[0] == "encoder" and "per_scene_iou" in r}
     for r in rows:
+        encoder = encoders.get(r.get("injection", "conv_in"))
         if encoder and r is not encoder and "per_scene_iou" in r:
             r["iou_gain_vs_encoder"] = paired_gain(r, encoder)
     atomic_write_text(out, json.dumps({"kind": settings["kind"], "command": "python benchmarks/control_fidelity.py "

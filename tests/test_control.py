@@ -263,7 +263,8 @@ def test_cli_trains_generates_and_exports(pairs, tmp_path, capsys):
     base = tmp_path / "base"
     tiny_sd_pipeline().save_pretrained(base)
     assert cli_main(["train", "control", "--data-dir", str(pairs), "--output-dir", str(out), "--base", str(base),
-                     "--max-steps", "2", "--train-batch-size", "2", "--control-kind", "segmentation"]) == 0
+                     "--max-steps", "2", "--train-batch-size", "2", "--control-kind", "segmentation",
+                     "--control-injection", "conv_in"]) == 0  # the paper's encoder: a diffusers class on export
     adapter = out / "ether_control.safetensors"
     HINT.save(tmp_path / "hint.png")
     assert cli_main(["generate", "--prompt", "a red square", "--out", str(tmp_path / "gen"), "--base", str(base),
