@@ -75,11 +75,15 @@ def train_and_score(method: str, lr: float, settings: DemoSettings, folders: dic
 def run_subject(subject: str, args) -> dict:
     """Every method on one subject, in this process; writes the subject's grid and returns its part."""
     settings = DemoSettings(base=args.base, subject=subject, max_steps=args.steps, seed=args.seed,
-                            sampling_steps=args.sampling_steps, seeds=args.seeds)
+                            sampling_steps=args.sampling_steps, seeds=args.seeds,
+                            instance_images=args.instance_images)
     spec = get_subject(subject)
     with tempfile.TemporaryDirectory() as tmp:
         folders = {"instance": Path(tmp) / "instance", "class": Path(tmp) / "class", "runs": Path(tmp) / "runs"}
         render_instances(settings, folders["instance"])
+        if args.caption_style == "prompt":  # classic DreamBooth: every picture trained on the instance prompt alone
+            for caption in folders["instance"].glob("*.txt"):
+                caption.unlink()
         pipe = load_pipeline(args.base)
         ceiling = codec_ceiling(pipe.vae, subject, subject_prompts(settings.token, subject), n=args.codec_n)
         base, grid_rows = score(pipe, settings, adapted=False)
@@ -142,6 +146,11 @@ def main(argv: list[str] | None = None) -> None:
                     help="one rate for every method (default: each method's documented rate)")
     ap.add_argument("--recipe", default="{}",
                     help="JSON of DreamBoothConfig overrides applied to every run, e.g. '{\"n_blocks\": 4}'")
+    ap.add_argument("--instance-images", type=int, default=DemoSettings.instance_images,
+                    help="rendered pictures of the subject (the user's photos)")
+    ap.add_argument("--caption-style", choices=["sidecar", "prompt"], default="sidecar",
+                    help="sidecar: each picture's caption names its size and background (the demo); prompt: the "
+                         "instance prompt alone for every picture (classic DreamBooth)")
     ap.add_argument("--seeds", type=int, default=DemoSettings.seeds, help="images per prompt")
     ap.add_argument("--sampling-steps", type=int, default=DemoSettings.sampling_steps)
     ap.add_argument("--codec-n", type=int, default=8, help="perfect renders per context for the codec ceiling")

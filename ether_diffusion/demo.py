@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from .atomic import atomic_write, atomic_write_text
 from .control import INJECTIONS
 from .control_demo import ControlDemoSettings, run_control_demo
+from .errors import EtherError
 from .pipelines import disable_ether, enable_ether, generate, image_grid, load_pipeline, pipeline_components
 from .runtime import add_device_arguments, mixed_precision_for, resolve_device, resolve_dtype
 from .toyworld import checker, world
@@ -191,52 +192,68 @@ def add_demo_parser(sub) -> None:
                    help="subject: DreamBooth on one rendered subject; control: a control adapter on rendered "
                         "segmentation or edge maps (default: subject)")
     p.add_argument("--out", default=None, help=f"output folder (default: {defaults.out}, control: {control.out})")
-    p.add_argument("--subject", default=defaults.subject,
-                   help=f"{', '.join(world.SUBJECTS)}, random (a subject drawn from --seed) or random-N "
+    p.add_argument("--subject", default=None,
+                   help=f"subject: {', '.join(world.SUBJECTS)}, random (a subject drawn from --seed) or random-N "
                         f"(default: {defaults.subject})")
-    p.add_argument("--method", default=defaults.method, choices=["ether", "etherplus"])
-    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=defaults.train_text_encoder,
-                   help="also adapt the text encoder's attention (default: on)")
+    p.add_argument("--method", default=None, choices=["ether", "etherplus"],
+                   help=f"subject: the adapter (default: {defaults.method})")
+    p.add_argument("--train-text-encoder", action=argparse.BooleanOptionalAction, default=None,
+                   help="subject: also adapt the text encoder's attention (default: on)")
     p.add_argument("--max-steps", type=int, default=None,
                    help=f"(default: {defaults.max_steps}, control: {control.max_steps})")
     p.add_argument("--learning-rate", type=float, default=None,
                    help=f"(default: {defaults.learning_rate:g}, control: {control.learning_rate:g})")
-    p.add_argument("--class-images", type=int, default=defaults.class_images)
+    p.add_argument("--class-images", type=int, default=None,
+                   help=f"subject: prior-preservation pictures of the class (default: {defaults.class_images})")
     p.add_argument("--seeds", type=int, default=defaults.seeds, help="images per prompt (control: per map) and model")
     p.add_argument("--sampling-steps", type=int, default=None,
                    help=f"(default: {defaults.sampling_steps}, control: {control.sampling_steps})")
     p.add_argument("--seed", type=int, default=defaults.seed,
                    help="seeds the instance placements (control: the training pairs), class pictures, training and "
                         "sampling (default: 0)")
-    p.add_argument("--kind", choices=sorted(RENDERERS), default=control.kind,
+    p.add_argument("--kind", choices=sorted(RENDERERS), default=None,
                    help=f"control: the kind of map (default: {control.kind})")
-    p.add_argument("--control-injection", choices=INJECTIONS, default=control.injection,
+    p.add_argument("--control-injection", choices=INJECTIONS, default=None,
                    help="control: where the map's features enter the UNet, conv_in (the paper's setting) or "
                         f"multiscale (default: {control.injection})")
-    p.add_argument("--pairs", type=int, default=control.pairs, help=f"control: rendered training pairs "
-                                                                   f"(default: {control.pairs})")
-    p.add_argument("--maps", type=int, default=control.maps, help=f"control: held-out maps drawn and scored "
-                                                                 f"(default: {control.maps})")
+    p.add_argument("--pairs", type=int, default=None, help=f"control: rendered training pairs "
+                                                           f"(default: {control.pairs})")
+    p.add_argument("--maps", type=int, default=None, help=f"control: held-out maps drawn and scored "
+                                                          f"(default: {control.maps})")
     p.add_argument("--base", default=None, help=argparse.SUPPRESS)
     add_device_arguments(p)
     p.set_defaults(func=cmd_demo)
 
 
-def _given(args: argparse.Namespace, defaults) -> dict:
-    """The shared flags the user gave; the task's own defaults fill the rest."""
-    return {k: getattr(args, k) for k in ("out", "max_steps", "learning_rate", "sampling_steps")
-            if getattr(args, k) is not None and hasattr(defaults, k)}
+# flag name -> settings field, for the flags only one task reads
+SUBJECT_ONLY = {"subject": "subject", "method": "method", "train_text_encoder": "train_text_encoder",
+                "class_images": "class_images"}
+CONTROL_ONLY = {"kind": "kind", "control_injection": "injection", "pairs": "pairs", "maps": "maps"}
+SHARED = {k: k for k in ("out", "max_steps", "learning_rate", "sampling_steps")}
+
+
+def _given(args: argparse.Namespace, flags: dict[str, str]) -> dict:
+    """The settings the user gave among `flags`; the task's own defaults fill the rest."""
+    return {field: getattr(args, flag) for flag, field in flags.items() if getattr(args, flag) is not None}
+
+
+def _refuse_other_task(args: argparse.Namespace, other: dict[str, str], other_task: str) -> None:
+    """A flag of the other task would be silently ignored: say so instead of running without it."""
+    given = ["--" + flag.replace("_", "-") for flag in other if getattr(args, flag) is not None]
+    if given:
+        raise EtherError(f"{', '.join(given)} {'is' if len(given) == 1 else 'are'} for `demo --task {other_task}`; "
+                         f"this is `demo --task {args.task}`")
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     if args.task == "control":
         cmd_control_demo(args)
         return
-    subject = resolve_subject(args.subject, args.seed).name
-    settings = replace(DemoSettings(base=args.base, subject=subject, method=args.method,
-                                    train_text_encoder=args.train_text_encoder, class_images=args.class_images,
-                                    seeds=args.seeds, seed=args.seed, device=args.device, dtype=args.dtype),
-                       **_given(args, DemoSettings))
+    _refuse_other_task(args, CONTROL_ONLY, "control")
+    given = _given(args, {**SHARED, **SUBJECT_ONLY})
+    given["subject"] = resolve_subject(given.get("subject", DemoSettings.subject), args.seed).name
+    settings = replace(DemoSettings(base=args.base, seeds=args.seeds, seed=args.seed, device=args.device,
+                                    dtype=args.dtype), **given)
     report = run_demo(settings)
     out = Path(settings.out).resolve()
     b, a = report["base"], report["adapted"]
@@ -248,10 +265,10 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_control_demo(args: argparse.Namespace) -> None:
-    settings = replace(ControlDemoSettings(base=args.base, kind=args.kind, injection=args.control_injection,
-                                           pairs=args.pairs, maps=args.maps, seeds=args.seeds, seed=args.seed,
-                                           device=args.device, dtype=args.dtype),
-                       **_given(args, ControlDemoSettings))
+    _refuse_other_task(args, SUBJECT_ONLY, "subject")
+    settings = replace(ControlDemoSettings(base=args.base, seeds=args.seeds, seed=args.seed, device=args.device,
+                                           dtype=args.dtype),
+                       **_given(args, {**SHARED, **CONTROL_ONLY}))
     report = run_control_demo(settings)
     b, a = report["base"], report["adapted"]
     print(f"\nmean IoU with the map: base {b['mean_iou']:.2f} → adapted {a['mean_iou']:.2f}; above 0.5: base "

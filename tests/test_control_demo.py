@@ -53,3 +53,20 @@ def test_full_control_demo_follows_the_segmentation_maps(tmp_path):
     adapted, base = report["adapted"], report["base"]
     assert adapted["mean_iou"] >= 0.8 and base["mean_iou"] < 0.4, (base["mean_iou"], adapted["mean_iou"])
     assert min(adapted["accuracy"].values()) >= 0.9, adapted["accuracy"]
+
+
+@pytest.mark.parametrize("task, flags", [
+    ("control", ["--subject", "striped-circle"]), ("control", ["--class-images", "4", "--no-train-text-encoder"]),
+    ("subject", ["--kind", "edges"]), ("subject", ["--pairs", "10", "--control-injection", "conv_in"])])
+def test_demo_refuses_the_other_tasks_flags(task, flags, monkeypatch, capsys):
+    """A flag only the other task reads is refused with exit status 2 before any work, never silently ignored."""
+    from ether_diffusion import demo
+
+    def never(settings):
+        raise AssertionError("a demo ran despite a flag it would ignore")
+
+    monkeypatch.setattr(demo, "run_control_demo", never)
+    monkeypatch.setattr(demo, "run_demo", never)
+    assert main(["demo", "--task", task, *flags]) == 2
+    err = capsys.readouterr().err
+    assert flags[0] in err and f"--task {'subject' if task == 'control' else 'control'}" in err

@@ -89,6 +89,10 @@ def test_demo_command_passes_subject_and_seed_through(tmp_path, monkeypatch, cap
     assert (seen[1].subject, seen[1].seed) == ("random-7", 7)  # a subject drawn from the seed
     assert main(["demo", "--out", str(tmp_path), "--subject", "random-12"]) in (0, None)
     assert seen[2].subject == "random-12"
+    assert main(["demo"]) in (0, None)
+    assert seen[3] == DemoSettings()  # no flags: exactly the documented defaults
+    assert main(["demo", "--method", "ether", "--no-train-text-encoder", "--class-images", "3"]) in (0, None)
+    assert (seen[4].method, seen[4].train_text_encoder, seen[4].class_images) == ("ether", False, 3)
 
 
 def test_demo_reports_where_misses_lie_on_a_random_subject(tmp_path):
