@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ether_diffusion.toyworld import checker, world
-from ether_diffusion.toyworld.evaluate import checker_validation, named_attributes, subject_prompts
+from ether_diffusion.toyworld.evaluate import checker_validation, control_scores, named_attributes, subject_prompts
 from ether_diffusion.toyworld.subjects import get_subject, random_subject
 from ether_diffusion.toyworld.tokenizer import IDENTIFIER_TOKENS, build_vocab_and_merges
 
@@ -167,3 +167,16 @@ def test_random_subjects_are_seeded_valid_draws_from_every_family():
     assert len({s.shape for s in draws}) >= 3 and len({s.pattern.kind for s in draws}) >= 3
     with pytest.raises(KeyError, match="random-SEED"):
         get_subject("random-x")
+
+
+def test_control_scores_name_each_pictures_missed_caption_attributes():
+    """Renders of the scenes themselves score IoU ~1 and miss nothing; a picture of the same object in other colours
+    is a colour miss at its index, with its IoU intact."""
+    rng = random.Random(3)
+    scenes = [world.random_scene(rng) for _ in range(3)]
+    recoloured = replace(scenes[1], colours=tuple(c for c in world.OBJECT_COLOURS if c not in scenes[1].colours)[
+        :len(scenes[1].colours)])
+    scores = control_scores(scenes, [world.render(s) for s in (scenes[0], recoloured, scenes[2])])
+    assert scores["caption_misses"] == {"1": ["colour"]}
+    assert scores["accuracy"]["colour"] == pytest.approx(2 / 3) and scores["accuracy"]["shape"] == 1.0
+    assert min(scores["per_scene_iou"]) > 0.9

@@ -113,18 +113,23 @@ def control_scores(scenes: list[world.Scene], images: list) -> dict:
     """How well pictures follow the maps of the scenes they were drawn from (one picture per scene, in order).
 
     Per picture: IoU between the scene's object mask (what the control map shows) and the object the checker
-    finds, and whether background, colour and shape match the caption.
+    finds, and whether background, colour and shape match the caption; `caption_misses` names, by picture index,
+    the attributes missed, so that two runs on the same scenes and seeds can be compared picture by picture.
     """
-    ious, hits = [], {k: 0 for k in ("background", "colour", "shape")}
-    for scene, image in zip(scenes, images, strict=True):
+    keys = ("background", "colour", "shape")
+    ious, hits, misses = [], {k: 0 for k in keys}, {}
+    for index, (scene, image) in enumerate(zip(scenes, images, strict=True)):
         reading = checker.read(image)
         truth = world.shape_mask(scene.shape, scene.cx, scene.cy, scene.radius) >= 0.5
         ious.append(float((truth & reading.mask).sum() / max((truth | reading.mask).sum(), 1)))
-        for k, v in reading.matches(scene).items():
-            if k in hits:
-                hits[k] += v
+        matches = reading.matches(scene)
+        for k in keys:
+            hits[k] += matches[k]
+        if not all(matches[k] for k in keys):
+            misses[str(index)] = [k for k in keys if not matches[k]]
     return {"mean_iou": float(np.mean(ious)), "iou_over_0.5": float(np.mean([v > 0.5 for v in ious])),
-            "accuracy": {k: v / len(scenes) for k, v in hits.items()}, "per_scene_iou": [round(v, 4) for v in ious]}
+            "accuracy": {k: v / len(scenes) for k, v in hits.items()}, "per_scene_iou": [round(v, 4) for v in ious],
+            "caption_misses": misses}
 
 
 def control_fidelity(pipe, kind: str, n: int, seed: int, steps: int = 20, guidance: float = 7.5,
