@@ -5,7 +5,7 @@
     python benchmarks/control_fidelity.py --merge a.json b.json --out both.json   # runs made in parallel
 
 Trains, on the embedded base model, with the same rendered pairs, seeds and step budget: the control encoder
-alone, encoder + ETHER, encoder + ETHER+ (both on attn+ff, LR 1e-3 unless NAME@LR), encoder + PEFT LoRA r=4
+alone, encoder + ETHER, encoder + ETHER+ (both on attn+ff unless --targets, LR 1e-3 unless NAME@LR), encoder + PEFT LoRA r=4
 (LR 6e-4) and encoder + PEFT DeLoRA r=4 (LR 6e-3, lambda 15) on the same layers (trained in the same loop); the encoder's LR is the same for all (`--encoder-lr`,
 paper 1e-4). Each is scored on the same held-out scenes and seeds by the toy-world checker: IoU between the
 map's object and the object found in the picture, and caption attribute accuracy; every row's per-scene IoU
@@ -62,7 +62,8 @@ def run_method(spec: str, data: Path, work: Path, args) -> list[dict]:
     pipe = load_pipeline(args.base)
     cfg = ControlConfig(data_dir=str(data), output_dir=str(work / spec), base=args.base, control_kind=args.kind,
                         control_injection=args.injection, max_steps=args.steps, train_batch_size=args.batch, cache_latents=True, seed=args.seed,
-                        checkpointing_steps=args.steps, encoder_learning_rate=args.encoder_lr, **overrides)
+                        checkpointing_steps=args.steps, encoder_learning_rate=args.encoder_lr, targets=args.targets,
+                        **overrides)
     extra = add_peft(pipe.unet, peft_kind, cfg.targets) if peft_kind else None
     t0 = time.time()
     train_control(cfg, pipe=pipe, extra_trainable=extra)
@@ -77,7 +78,7 @@ def run_method(spec: str, data: Path, work: Path, args) -> list[dict]:
                                       control_scale=scale)
         label = spec if args.injection == "conv_in" else f"{spec}/{args.injection}"
         rows.append({"method": label if scale == 1 else f"{label}×{scale:g}", "control_scale": scale,
-                     "injection": args.injection,
+                     "injection": args.injection, "targets": args.targets,
                      "learning_rate": None if name == "encoder" else overrides["learning_rate"],
                      "trainable_params": trainable, "encoder_params": summary["encoder_parameters"],
                      "train_seconds": round(seconds, 1), "final_loss": summary["final_loss"], **scores})
@@ -133,6 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--methods", default="encoder,ether,etherplus,lora",
                     help="comma-separated; NAME@LR sets the adapters' learning rate, e.g. etherplus@1e-2")
     ap.add_argument("--n-blocks", type=int, default=1, help="ETHER / ETHER+ diagonal blocks")
+    ap.add_argument("--targets", default="attn+ff",
+                    help="the layers every method adapts: a preset or comma-separated regular expressions, as "
+                         "`train control --targets` (default: attn+ff)")
     ap.add_argument("--injection", choices=INJECTIONS, default="conv_in",
                     help="where the encoder's features enter: conv_in (the paper) or multiscale (every down block); "
                          "rows of multiscale runs are named METHOD/multiscale")
