@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import tempfile
 import time
@@ -105,7 +106,7 @@ def report(rows: list[dict], settings: dict, out: Path) -> None:
         if encoder and r is not encoder and "per_scene_iou" in r:
             r["iou_gain_vs_encoder"] = paired_gain(r, encoder)
     atomic_write_text(out, json.dumps({"kind": settings["kind"], "command": "python benchmarks/control_fidelity.py "
-                                       + " ".join(sys.argv[1:]), "settings": settings, "rows": rows}, indent=2))
+                                       + shlex.join(sys.argv[1:]), "settings": settings, "rows": rows}, indent=2))
     print(f"\n{'method':<20}{'trainable':>11}{'IoU':>7}{'IoU>0.5':>9}{'bg':>6}{'colour':>8}{'shape':>7}"
           f"  gain over encoder [95% CI]")
     for r in rows:
