@@ -102,6 +102,12 @@ def test_control_benchmark_has_the_delora_row_and_control_scales(tmp_path):
     assert rows["delora"]["learning_rate"] == 6e-3 and rows["delora×2"]["control_scale"] == 2
     for row in rows.values():
         assert 0 <= row["mean_iou"] <= 1 and row["trainable_params"] > row["encoder_params"]
+    narrow = tmp_path / "attn.json"  # --targets reaches the adapters: attention alone adapts fewer weights
+    run("control_fidelity.py", "--methods", "etherplus@1e-1", "--targets", "attn", "--rows", "8", "--steps", "2",
+        "--batch", "2", "--eval-n", "2", "--eval-steps", "2", "--skip-base", "--out", str(narrow))
+    (row,) = json.loads(narrow.read_text())["rows"]
+    assert row["targets"] == "attn" and rows["etherplus@1e-1"]["targets"] == "attn+ff"
+    assert row["encoder_params"] < row["trainable_params"] < rows["etherplus@1e-1"]["trainable_params"]
 
 
 def test_learning_rate_study_takes_delora(tmp_path):
