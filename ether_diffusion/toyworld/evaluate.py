@@ -125,8 +125,9 @@ def control_scores(scenes: list[world.Scene], images: list) -> dict:
         matches = reading.matches(scene)
         for k in keys:
             hits[k] += matches[k]
-        if not all(matches[k] for k in keys):
-            misses[str(index)] = [k for k in keys if not matches[k]]
+        missed = [k for k in keys if not matches[k]]
+        if missed:
+            misses[str(index)] = missed
     return {"mean_iou": float(np.mean(ious)), "iou_over_0.5": float(np.mean([v > 0.5 for v in ious])),
             "accuracy": {k: v / len(scenes) for k, v in hits.items()}, "per_scene_iou": [round(v, 4) for v in ious],
             "caption_misses": misses}
