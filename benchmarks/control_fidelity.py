@@ -96,17 +96,18 @@ def paired_gain(row: dict, reference: dict, resamples: int = 10_000) -> dict:
             "scenes_higher": float((gain > 0).mean()), "scenes_lower": float((gain < 0).mean())}
 
 
-def report(rows: list[dict], settings: dict, out: Path) -> None:
+def report(rows: list[dict], settings: dict, out: Path, notes: list[str] | None = None) -> None:
     """Add each row's paired gain over the encoder-only row of the same injection, print the table, write the
-    JSON."""
+    JSON (with the merged runs' notes on how they were run, if any)."""
     encoders = {r.get("injection", "conv_in"): r for r in rows
                 if r["method"].partition("/")[0] == "encoder" and "per_scene_iou" in r}
     for r in rows:
         encoder = encoders.get(r.get("injection", "conv_in"))
         if encoder and r is not encoder and "per_scene_iou" in r:
             r["iou_gain_vs_encoder"] = paired_gain(r, encoder)
-    atomic_write_text(out, json.dumps({"kind": settings["kind"], "command": "python benchmarks/control_fidelity.py "
-                                       + shlex.join(sys.argv[1:]), "settings": settings, "rows": rows}, indent=2))
+    document = {"kind": settings["kind"], "command": "python benchmarks/control_fidelity.py " + shlex.join(sys.argv[1:]),
+                "settings": settings, "rows": rows, **({"notes": notes} if notes else {})}
+    atomic_write_text(out, json.dumps(document, indent=2))
     print(f"\n{'method':<20}{'trainable':>11}{'IoU':>7}{'IoU>0.5':>9}{'bg':>6}{'colour':>8}{'shape':>7}"
           f"  gain over encoder [95% CI]")
     for r in rows:
@@ -117,8 +118,9 @@ def report(rows: list[dict], settings: dict, out: Path) -> None:
     print(f"written {out}")
 
 
-def merge(files: list[Path]) -> tuple[list[dict], dict]:
-    """Rows of runs made in parallel with the same data, budget and held-out scenes (checked)."""
+def merge(files: list[Path]) -> tuple[list[dict], dict, list[str]]:
+    """Rows of runs made in parallel with the same data, budget and held-out scenes (checked), the settings with
+    the command of every run behind them (a merged file counts as the runs it merged), and their notes."""
     same = ("kind", "rows", "steps", "batch", "encoder_lr", "seed", "eval_n", "eval_seed", "eval_steps", "base")
     runs = [json.loads(f.read_text()) for f in files]
     for f, run in zip(files[1:], runs[1:]):
@@ -126,7 +128,9 @@ def merge(files: list[Path]) -> tuple[list[dict], dict]:
         if differ:
             raise SystemExit(f"{f} was run with other settings ({', '.join(differ)}) than {files[0]}")
     rows = {r["method"]: r for run in runs for r in run["rows"]}  # a later run's row replaces an earlier one
-    return list(rows.values()), {**runs[0]["settings"], "merged_runs": [run["command"] for run in runs]}
+    commands = [c for run in runs for c in run["settings"].get("merged_runs", [run["command"]])]
+    notes = [n for run in runs for n in run.get("notes", [run["note"]] if "note" in run else [])]
+    return list(rows.values()), {**runs[0]["settings"], "merged_runs": commands}, notes
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -158,7 +162,8 @@ def main(argv: list[str] | None = None) -> None:
                     help="combine the JSON of runs made in parallel (same settings) into --out; trains nothing")
     args = ap.parse_args(argv)
     if args.merge:
-        report(*merge(args.merge), args.out)
+        rows, settings, notes = merge(args.merge)
+        report(rows, settings, args.out, notes)
         return
 
     rows = []

@@ -69,6 +69,19 @@ def test_subject_benchmark_reports_where_misses_lie(tmp_path):
     assert (tmp_path / "grids" / "random-11.png").exists()
 
 
+@pytest.mark.slow
+def test_full_subject_benchmark_pins_the_demo_subject(tmp_path):
+    """The benchmark at the demo's full recipe (1,400 steps, 40 sampling steps, 7 contexts × 4 seeds) on the demo's
+    subject: the one subject that meets the per-subject target (measured 0.89), no drift, the codec no limit."""
+    out = tmp_path / "subjects.json"
+    run("subjects.py", "--subjects", "core-triangle", "--methods", "etherplus", "--out", str(out))
+    (part,) = json.loads(out.read_text())["subjects"]
+    (row,) = part["rows"]
+    assert row["subject_match_rate"] >= 0.7 and row["prompt_fidelity"] >= 0.85, row
+    assert row["class_drift"] <= 0.2 and part["base"]["subject_match_rate"] <= 0.1, (row, part["base"])
+    assert all(v["decoded_matches"] >= 0.75 * v["n"] for v in part["codec_ceiling"].values()), part["codec_ceiling"]
+
+
 def test_flux_block_benchmark_times_ether_against_lora_r16(tmp_path):
     out = tmp_path / "flux.json"
     run("dit_blocks.py", "--heads", "2", "--image-tokens", "16", "--text-tokens", "8", "--rounds", "2",
@@ -108,6 +121,16 @@ def test_control_benchmark_has_the_delora_row_and_control_scales(tmp_path):
     (row,) = json.loads(narrow.read_text())["rows"]
     assert row["targets"] == "attn" and rows["etherplus@1e-1"]["targets"] == "attn+ff"
     assert row["encoder_params"] < row["trainable_params"] < rows["etherplus@1e-1"]["trainable_params"]
+    first = json.loads(out.read_text())  # runs made apart: merging keeps every run's command and note
+    noted = tmp_path / "noted.json"
+    noted.write_text(json.dumps({**first, "note": "one thread beside other processes"}))
+    run("control_fidelity.py", "--merge", str(noted), str(narrow), "--out", str(tmp_path / "m1.json"))
+    run("control_fidelity.py", "--merge", str(tmp_path / "m1.json"), str(narrow), "--out", str(tmp_path / "m2.json"))
+    merged = json.loads((tmp_path / "m2.json").read_text())
+    narrow_command = json.loads(narrow.read_text())["command"]
+    assert merged["settings"]["merged_runs"] == [first["command"], narrow_command, narrow_command]
+    assert merged["notes"] == ["one thread beside other processes"]
+    assert {r["method"] for r in merged["rows"]} == set(rows)
 
 
 def test_learning_rate_study_takes_delora(tmp_path):
