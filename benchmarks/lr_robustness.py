@@ -23,7 +23,7 @@ import tempfile
 from pathlib import Path
 
 from peft_methods import RECOMMENDED_LR
-from subjects import train_and_score
+from subjects import PAPER_PRIOR_LOSS_WEIGHT, PAPER_STEPS, train_and_score
 
 from ether_diffusion.atomic import atomic_write_text
 from ether_diffusion.demo import DemoSettings, render_instances, score
@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", default=None)
     ap.add_argument("--subjects", default=DemoSettings.subject,
                     help=f"comma-separated, or all: {', '.join(world.SUBJECTS)} (default: the demo's subject)")
-    ap.add_argument("--steps", type=int, default=DemoSettings.max_steps)
+    ap.add_argument("--steps", type=int, default=PAPER_STEPS)
     ap.add_argument("--class-images", type=int, default=DemoSettings.class_images)
     ap.add_argument("--seeds", type=int, default=DemoSettings.seeds, help="images per prompt")
     ap.add_argument("--sampling-steps", type=int, default=DemoSettings.sampling_steps,
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
     for subject in subjects:
         settings = DemoSettings(base=args.base, subject=subject, seeds=args.seeds, train_text_encoder=False,
                                 seed=args.seed, sampling_steps=args.sampling_steps, max_steps=args.steps,
-                                class_images=args.class_images)
+                                class_images=args.class_images, prior_loss_weight=PAPER_PRIOR_LOSS_WEIGHT)
         with tempfile.TemporaryDirectory() as tmp:
             folders = {"instance": Path(tmp) / "instance", "class": Path(tmp) / "class", "runs": Path(tmp) / "runs"}
             render_instances(settings, folders["instance"])

@@ -57,6 +57,7 @@ def test_full_control_demo_follows_the_segmentation_maps(tmp_path):
 
 @pytest.mark.parametrize("task, flags", [
     ("control", ["--subject", "striped-circle"]), ("control", ["--class-images", "4", "--no-train-text-encoder"]),
+    ("control", ["--prior-loss-weight", "1"]),
     ("subject", ["--kind", "edges"]), ("subject", ["--pairs", "10", "--control-injection", "conv_in"])])
 def test_demo_refuses_the_other_tasks_flags(task, flags, monkeypatch, capsys):
     """A flag only the other task reads is refused with exit status 2 before any work, never silently ignored."""
