@@ -71,8 +71,9 @@ def test_subject_benchmark_reports_where_misses_lie(tmp_path):
 
 @pytest.mark.slow
 def test_full_subject_benchmark_pins_the_demo_subject(tmp_path):
-    """The benchmark at the demo's full recipe (1,400 steps, 40 sampling steps, 7 contexts × 4 seeds) on the demo's
-    subject: the one subject that meets the per-subject target (measured 0.89), no drift, the codec no limit."""
+    """The benchmark at its full default recipe (the paper's: 1,400 steps at 6e-3, prior weight 1; 40 sampling
+    steps, 7 contexts × 4 seeds) on the demo's subject: the one subject of twelve that meets the per-subject target
+    (measured 0.89), no drift, the codec no limit."""
     out = tmp_path / "subjects.json"
     run("subjects.py", "--subjects", "core-triangle", "--methods", "etherplus", "--out", str(out))
     (part,) = json.loads(out.read_text())["subjects"]
