@@ -23,12 +23,13 @@ import tempfile
 from pathlib import Path
 
 from peft_methods import RECOMMENDED_LR
-from subjects import PAPER_PRIOR_LOSS_WEIGHT, PAPER_STEPS, train_and_score
+from subjects import train_and_score
 
 from ether_diffusion.atomic import atomic_write_text
 from ether_diffusion.demo import DemoSettings, render_instances, score
 from ether_diffusion.pipelines import load_pipeline
 from ether_diffusion.toyworld import world
+from ether_diffusion.train import DreamBoothConfig
 
 METHODS = ("ether", "etherplus", "lora-r4", "oft")
 MULTIPLIERS = (0.1, 1.0, 10.0, 100.0)
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--base", default=None)
     ap.add_argument("--subjects", default=DemoSettings.subject,
                     help=f"comma-separated, or all: {', '.join(world.SUBJECTS)} (default: the demo's subject)")
-    ap.add_argument("--steps", type=int, default=PAPER_STEPS)
+    ap.add_argument("--steps", type=int, default=DreamBoothConfig.max_steps)
     ap.add_argument("--class-images", type=int, default=DemoSettings.class_images)
     ap.add_argument("--seeds", type=int, default=DemoSettings.seeds, help="images per prompt")
     ap.add_argument("--sampling-steps", type=int, default=DemoSettings.sampling_steps,
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     for subject in subjects:
         settings = DemoSettings(base=args.base, subject=subject, seeds=args.seeds, train_text_encoder=False,
                                 seed=args.seed, sampling_steps=args.sampling_steps, max_steps=args.steps,
-                                class_images=args.class_images, prior_loss_weight=PAPER_PRIOR_LOSS_WEIGHT)
+                                class_images=args.class_images, prior_loss_weight=DreamBoothConfig.prior_loss_weight)
         with tempfile.TemporaryDirectory() as tmp:
             folders = {"instance": Path(tmp) / "instance", "class": Path(tmp) / "class", "runs": Path(tmp) / "runs"}
             render_instances(settings, folders["instance"])

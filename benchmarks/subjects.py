@@ -42,13 +42,11 @@ from ether_diffusion.pipelines import image_grid, load_pipeline
 from ether_diffusion.toyworld import world
 from ether_diffusion.toyworld.evaluate import codec_ceiling, subject_prompts
 from ether_diffusion.toyworld.subjects import RANDOM_PREFIX, get_subject
-from ether_diffusion.train import train_dreambooth
+from ether_diffusion.train import DreamBoothConfig, train_dreambooth
 
 RANDOM_SEEDS = (11, 22, 33, 44, 55, 66, 77, 88)  # fixed here, never chosen by result
 RANDOM_SUBJECTS = tuple(f"{RANDOM_PREFIX}{seed}" for seed in RANDOM_SEEDS)
 METHODS = ("etherplus", "ether", "lora-r4", "dora-r4", "delora-r4")
-PAPER_STEPS = 1400  # the paper's DreamBooth budget; the learning rates are RECOMMENDED_LR
-PAPER_PRIOR_LOSS_WEIGHT = 1.0
 KEYS = ("subject_fidelity", "subject_match_rate", "identity_rate", "context_rate", "prompt_fidelity", "class_drift")
 
 
@@ -145,8 +143,9 @@ def main(argv: list[str] | None = None) -> None:
                          f"script's {len(RANDOM_SUBJECTS)} seeded ones (default: named,random)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--base", default=None)
-    ap.add_argument("--steps", type=int, default=PAPER_STEPS)
-    ap.add_argument("--prior-loss-weight", type=float, default=PAPER_PRIOR_LOSS_WEIGHT,
+    # the paper's recipe is `train dreambooth`'s defaults; the learning rates are RECOMMENDED_LR
+    ap.add_argument("--steps", type=int, default=DreamBoothConfig.max_steps)
+    ap.add_argument("--prior-loss-weight", type=float, default=DreamBoothConfig.prior_loss_weight,
                     help="weight of the class pictures' loss (default: the paper's 1)")
     ap.add_argument("--learning-rate", type=float, default=None,
                     help="one rate for every method (default: each method's documented rate)")
